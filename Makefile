@@ -1,0 +1,47 @@
+# actstore developer entry points. Every target creates .venv on first use.
+PYTHON ?= python3.11
+VENV ?= .venv
+# CPU-friendly default: 2.13.0 resolves to a small CPU wheel; override e.g. TORCH_SPEC='torch>=2.14' for CUDA.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: venv install install-dev demo test test-all lint bench bench-quick clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[demo]"
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/actstore demo --out demo-output
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check actstore schemas pipeline workers tests benchmarks
+
+bench-quick: $(VENV)/.installed-dev
+	$(PY) benchmarks/run.py --quick
+
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) demo-output build *.egg-info

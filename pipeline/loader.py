@@ -1,0 +1,97 @@
+"""Shuffled training batches from a store with bounded memory.
+
+Each epoch reads the store's chunk-aligned row blocks in a seeded random order, gathers them into windows of
+at most `buffer_rows` rows, permutes every window and cuts it into batches; rows that do not fill a batch carry
+into the next window. Every row (optionally minus special tokens) is visited exactly once per epoch, the order
+is a pure function of (seed, epoch), and memory stays at about `buffer_rows` rows per hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class ActivationLoader:
+    """Iterable of batches: a tensor for one hook, or {hook: tensor} for several (same rows)."""
+
+    def __init__(self, store: Any, hooks: str | list[str], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 buffer_rows: int = 1 << 16, skip_special: bool = False, drop_last: bool = False,
+                 epoch: int = 0, rows: tuple[int, int] | None = None) -> None:
+        if batch_size <= 0 or buffer_rows <= 0:
+            raise ValueError("batch_size and buffer_rows must be positive")
+        self.store, self.single = store, isinstance(hooks, str)
+        self.hooks = [hooks] if self.single else list(hooks)
+        for h in self.hooks:
+            store.manifest.hook(h)
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, epoch
+        self.buffer_rows, self.skip_special, self.drop_last = max(buffer_rows, batch_size), skip_special, drop_last
+        self.rows = rows  # optional global row range [start, stop) (e.g. a held-out split)
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """(shard index, start, stop) chunk-aligned row blocks within `rows`."""
+        out = []
+        lo, hi = self.rows or (0, self.store.n_tokens)
+        for i, info in enumerate(self.store.manifest.shards):
+            step = self.store.shard_array(i, self.hooks[0]).chunks[0]
+            for s in range(0, info.n_tokens, step):
+                a, b = max(s, lo - info.token_start), min(s + step, info.n_tokens, hi - info.token_start)
+                if a < b:
+                    out.append((i, a, b))
+        return out
+
+    def __iter__(self) -> Iterator[Any]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        blocks = self.blocks()
+        order = rng.permutation(len(blocks)) if self.shuffle else np.arange(len(blocks))
+        carry: list[np.ndarray] | None = None
+        window: list[tuple[int, int, int]] = []
+        size = 0
+        for j in order:
+            window.append(blocks[j])
+            size += blocks[j][2] - blocks[j][1]
+            if size >= self.buffer_rows:
+                carry = yield from self._emit(window, carry, rng, final=False)
+                window, size = [], 0
+        yield from self._emit(window, carry, rng, final=True)
+
+    def _emit(self, window, carry, rng, final: bool):
+        data = self._read(window)
+        if carry is not None:
+            data = [np.concatenate([c, d]) for c, d in zip(carry, data)]
+        n = len(data[0])
+        perm = rng.permutation(n) if self.shuffle else np.arange(n)
+        full = n - n % self.batch_size
+        for s in range(0, full, self.batch_size):
+            yield self._batch([d[perm[s:s + self.batch_size]] for d in data])
+        rest = [d[perm[full:]] for d in data]
+        if final:
+            if len(rest[0]) and not self.drop_last:
+                yield self._batch(rest)
+            return None
+        return rest
+
+    def _read(self, window) -> list[np.ndarray]:
+        cols = []
+        for h in self.hooks:
+            parts = [self.store.read_rows(h, i, a, b) for i, a, b in window]
+            cols.append(np.concatenate(parts).astype(np.float32, copy=False) if parts else
+                        np.zeros((0, self.store.manifest.hook(h).d), np.float32))
+        if self.skip_special and window:
+            keep = np.concatenate([self._special(i)[a:b] for i, a, b in window]) == 0
+            cols = [c[keep] for c in cols]
+        return cols
+
+    def _special(self, shard_index: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_special_cache", {})
+        if shard_index not in cache:
+            col = self.store.shard_tokens(shard_index).column("special")
+            cache[shard_index] = col.to_numpy(zero_copy_only=False).astype(np.uint8)
+        return cache[shard_index]
+
+    def _batch(self, cols: list[np.ndarray]) -> Any:
+        tensors = [torch.from_numpy(np.ascontiguousarray(c)) for c in cols]
+        return tensors[0] if self.single else dict(zip(self.hooks, tensors))

@@ -1,0 +1,139 @@
+"""Reading a committed store: `open_store`, and `Store` (manifest, hooks, activations, tokens, docs, loader).
+
+A store opens only when manifest.json exists (it is written last); everything read is addressed through the
+manifest's shard list, so shards of an interrupted later run are never seen.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from actstore.schemas.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
+from actstore.workers import storage
+from actstore.workers.dtypes import NUMPY_STORED, decode
+from actstore.workers.shard_writer import shard_path
+from actstore.workers.stats import HookStats
+from actstore.pipeline.output import MANIFEST, RUN_RECORD
+
+
+class StoreError(ValueError):
+    """The store cannot be opened or read as asked; the message says what is missing."""
+
+
+def open_store(url: str, storage_options: dict[str, Any] | None = None) -> "Store":
+    """Open a complete store at a path or fsspec URL (file://, memory://, s3://)."""
+    fs, root = storage.get_fs(url, storage_options)
+    mpath = storage.join(root, MANIFEST)
+    if not fs.exists(mpath):
+        if fs.exists(storage.join(root, RUN_RECORD)) or fs.exists(storage.join(root, "shards")):
+            raise StoreError(f"store {url!r} is incomplete: no manifest.json (an extraction was interrupted; "
+                             "rerun the same extract config to resume it)")
+        raise StoreError(f"no actstore store at {url!r} (manifest.json not found)")
+    try:
+        manifest = parse_manifest(storage.read_bytes(fs, mpath, MAX_MANIFEST_BYTES), f"{url}/manifest.json")
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
+    return Store(url, manifest, fs, root, storage_options)
+
+
+class Store:
+    """A committed activation store."""
+
+    def __init__(self, url: str, manifest: Manifest, fs, root: str, storage_options: dict | None = None) -> None:
+        self.url, self.manifest, self.fs, self.root = url, manifest, fs, root
+        self._storage_options = storage_options or {}
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r}, hooks={self.hooks}, n_tokens={self.n_tokens}, shards={len(self.manifest.shards)})"
+
+    @property
+    def hooks(self) -> list[str]:
+        return [h.name for h in self.manifest.hooks]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.manifest.n_tokens
+
+    # ---- arrays ---------------------------------------------------------------------------------------------
+    def shard_array(self, shard_index: int, hook: str) -> zarr.Array:
+        """The raw stored Zarr array of one shard (uint16 bits for bfloat16), shape-checked against the manifest."""
+        info, h = self.manifest.shards[shard_index], self.manifest.hook(hook)
+        path = storage.join(shard_path(self.root, info.id), "acts.zarr")
+        try:
+            arr = zarr.open_array(storage.zarr_store(self.fs, path, read_only=True), path=hook, mode="r")
+        except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError) as e:
+            raise StoreError(f"shard {info.id}: array {hook!r} is missing ({type(e).__name__})") from None
+        want = (info.n_tokens, h.d)
+        if tuple(arr.shape) != want or arr.dtype != NUMPY_STORED[h.dtype]:
+            raise StoreError(f"shard {info.id}: array {hook!r} has shape {tuple(arr.shape)} dtype {arr.dtype}, "
+                             f"but the manifest says {want} {NUMPY_STORED[h.dtype]}; run `actstore verify`")
+        return arr
+
+    def activations(self, hook: str) -> da.Array:
+        """Lazy (n_tokens, d) dask array of the hook; bfloat16 is decoded to float32."""
+        h = self.manifest.hook(hook)
+        parts = [da.from_array(self.shard_array(i, hook), chunks=self.shard_array(i, hook).chunks, asarray=True)
+                 for i in range(len(self.manifest.shards))]
+        arr = da.concatenate(parts, axis=0) if parts else da.zeros((0, h.d), NUMPY_STORED[h.dtype])
+        if h.dtype == "bfloat16":
+            arr = arr.map_blocks(decode, "bfloat16", dtype=np.float32)
+        return arr
+
+    def read_rows(self, hook: str, shard_index: int, start: int, stop: int) -> np.ndarray:
+        """Decoded rows [start, stop) of one shard (numpy)."""
+        h = self.manifest.hook(hook)
+        return decode(self._cached_array(shard_index, hook)[start:stop], h.dtype)
+
+    @functools.lru_cache(maxsize=4096)
+    def _cached_array(self, shard_index: int, hook: str) -> zarr.Array:
+        return self.shard_array(shard_index, hook)
+
+    # ---- tables ---------------------------------------------------------------------------------------------
+    def shard_tokens(self, shard_index: int) -> pa.Table:
+        info = self.manifest.shards[shard_index]
+        with self.fs.open(storage.join(shard_path(self.root, info.id), "tokens.parquet"), "rb") as f:
+            return pq.read_table(f)
+
+    def tokens(self) -> pa.Table:
+        """Token index: token_id, doc_id, seq_id, position, special — one row per stored token, in row order."""
+        tables = [self.shard_tokens(i) for i in range(len(self.manifest.shards))]
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+    def docs(self) -> pa.Table:
+        """One row per corpus document: doc_id plus every metadata/label field."""
+        with self.fs.open(storage.join(self.root, "docs.parquet"), "rb") as f:
+            return pq.read_table(f)
+
+    def special_mask(self) -> np.ndarray:
+        """Boolean per stored row: True for special tokens (BOS/CLS/SEP/EOS/padding ids)."""
+        return self.tokens().column("special").to_numpy(zero_copy_only=False).astype(bool)
+
+    def stats(self, hook: str) -> HookStats:
+        """Merged per-dimension statistics of a hook (non-special tokens)."""
+        from safetensors.numpy import load as st_load
+
+        self.manifest.hook(hook)
+        raw = self.fs.cat_file(storage.join(self.root, "stats", hook, "stats.safetensors"))
+        return HookStats.from_tensors(st_load(raw), "")
+
+    # ---- training / checking --------------------------------------------------------------------------------
+    def loader(self, hooks: str | list[str], batch_size: int, shuffle: bool = True, seed: int = 0,
+               **kwargs: Any) -> Iterator[Any]:
+        """Shuffled batches as torch tensors (see `actstore.pipeline.loader.ActivationLoader`)."""
+        from actstore.pipeline.loader import ActivationLoader
+
+        return iter(ActivationLoader(self, hooks, batch_size, shuffle=shuffle, seed=seed, **kwargs))
+
+    def verify(self) -> "Any":
+        """Re-read every shard and check shapes, checksums and the manifest; returns a VerifyReport."""
+        from actstore.pipeline.verify import verify_store
+
+        return verify_store(self)

@@ -1,0 +1,182 @@
+"""Model runner: load a Hugging Face model, capture hook points with forward hooks, stop after the deepest block.
+
+The runner is what a worker (Ray actor or the local executor) holds: it turns batches of token-id sequences into
+per-hook rows in the storage dtype, one row per non-padding token, in (sequence, position) order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from actstore.schemas.hooks import HookSpec, parse_hooks
+from actstore.workers import hookmap
+from actstore.workers.dtypes import TORCH_DTYPES, to_storage
+
+
+class ModelLoadError(ValueError):
+    """The model (or its config/tokenizer) could not be loaded; the message says why in one line."""
+
+
+class _StopForward(Exception):
+    """Raised from the deepest hooked block to skip the rest of the forward pass."""
+
+
+def _looks_local(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or os.sep in model.strip("/").split("/", 1)[-1] or os.path.exists(model)
+
+
+def load_config(model: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """Read only the model config (cheap), with a one-line error for missing paths or unreachable hubs."""
+    from transformers import AutoConfig
+
+    if _looks_local(model) and not os.path.isdir(os.path.expanduser(model)):
+        raise ModelLoadError(f"model path {model!r} does not exist (give a local HF model directory or a hub id)")
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError/ValueError with multi-line text
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load model config {model!r}: {first}") from None
+
+
+def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load tokenizer of {model!r}: {first}") from None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def max_context(config: Any) -> int | None:
+    """Longest sequence the model's position embeddings allow, if the config says."""
+    for attr in ("n_positions", "max_position_embeddings"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+class ModelRunner:
+    """Holds one model with hooks registered; `run` maps token sequences to stored rows per hook."""
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        hooks: list[str],
+        revision: str | None = None,
+        model_dtype: str = "float32",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        pad_id: int = 0,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.model = model if isinstance(model, nn.Module) else self._load(model, revision, model_dtype, trust_remote_code)
+        self.model.to(self.device).eval()
+        self.specs: list[HookSpec] = parse_hooks(hooks)
+        hookmap.check_hooks(self.specs, self.model.config)
+        self.pad_id = pad_id
+        self._captured: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._handles = [self._register(s) for s in self.specs]
+        self._handles += self._register_stop()
+
+    @staticmethod
+    def _load(model: str, revision: str | None, model_dtype: str, trust_remote_code: bool) -> nn.Module:
+        from transformers import AutoModel
+
+        load_config(model, revision, trust_remote_code)  # one-line errors for bad paths first
+        return AutoModel.from_pretrained(
+            model, revision=revision, dtype=TORCH_DTYPES[model_dtype], trust_remote_code=trust_remote_code
+        )
+
+    def _register(self, spec: HookSpec) -> Any:
+        module, where, _ = hookmap.resolve(self.model, spec)
+        name = spec.name
+
+        def keep(t: torch.Tensor) -> None:
+            # Index with the padding mask right away: this copies just the stored rows, so later in-place
+            # updates of the same tensor inside the model cannot change what we captured.
+            self._captured[name] = t[self._mask] if self._mask is not None else t.reshape(-1, t.shape[-1]).clone()
+
+        if where == "in":
+            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                keep(args[0] if args else _first_tensor(kwargs.get("hidden_states", kwargs)))
+            return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+        def post(mod: nn.Module, args: tuple, out: Any) -> None:
+            keep(_first_tensor(out))
+        return module.register_forward_hook(post)
+
+    def _register_stop(self) -> list[Any]:
+        """Hook the deepest needed block to raise _StopForward once it has run (all hooks captured by then)."""
+        blocks = hookmap.blocks_of(self.model)
+        depths = [hookmap.resolve(self.model, s)[2] for s in self.specs]
+        if blocks is None or any(d is None for d in depths):
+            return []  # a hook outside the blocks (or an unmapped family): run the whole model
+        deepest = max(depths)
+        if deepest >= len(blocks) - 1 and hookmap.family_for(self.model.config).final_norm is None:
+            return []  # nothing after the last block worth skipping
+
+        def stop(mod: nn.Module, args: tuple, out: Any) -> None:
+            raise _StopForward
+
+        self.deepest_block = deepest
+        return [blocks[deepest].register_forward_hook(stop)]
+
+    @torch.inference_mode()
+    def capture(self, sequences: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Forward one batch; return {hook: (n_tokens, d) tensor} over non-padding tokens, on the device."""
+        lengths = [len(s) for s in sequences]
+        width = max(lengths)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        ids = ids.to(self.device)
+        mask = None
+        if min(lengths) != width:  # right padding; without padding pass no mask so fast kernels are used
+            mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)
+        self._mask, self._captured = mask, {}
+        try:
+            self.model(input_ids=ids, attention_mask=mask.long() if mask is not None else None, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            self._mask = None
+        return {s.name: self._captured[s.name] for s in self.specs}
+
+    def run(self, sequences: list[np.ndarray], dtype: str) -> dict[str, tuple[np.ndarray, int]]:
+        """capture() and convert to the storage dtype: {hook: (stored rows, float16 overflow count)}."""
+        return {h: to_storage(t, dtype) for h, t in self.capture(sequences).items()}
+
+    def hook_dims(self) -> dict[str, int]:
+        """Width of every hook, found by one forward pass over a 2-token sequence."""
+        out = self.capture([np.array([self.pad_id, self.pad_id])])
+        return {h: int(t.shape[-1]) for h, t in out.items()}
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """Blocks return a tensor (transformers 5) or a tuple/ModelOutput whose first item is the hidden state."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    for item in out:
+        if isinstance(item, torch.Tensor):
+            return item
+    raise TypeError(f"hooked module returned no tensor ({type(out).__name__})")

@@ -1,0 +1,62 @@
+"""The unit of extraction work, shared by every executor: run the model over one planned shard and commit it.
+
+Executors differ only in where this runs (in-process, a Ray actor); keeping the step here is what makes a
+Ray run and a local run of one config produce byte-identical shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from actstore.schemas.manifest import ShardInfo
+from actstore.workers.dtypes import FLOAT16_MAX, NUMPY_STORED, Float16OverflowError
+from actstore.workers.runner import ModelRunner
+from actstore.workers.shard_writer import ArraySpec, write_shard
+from actstore.workers.tokenize import ShardPlan
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Per-run settings every shard task needs (a subset of ExtractConfig, cheap to ship to workers)."""
+
+    dtype: str
+    batch_size: int
+    on_overflow: str
+    compression: str
+
+
+def run_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root: str) -> ShardInfo:
+    """Forward every sequence of `plan` in batches, then write and commit the shard."""
+    n = plan.n_tokens
+    arrays: dict[str, np.ndarray] = {}
+    overflow = {s.name: 0 for s in runner.specs}
+    row = 0
+    for b in range(0, len(plan.sequences), opts.batch_size):
+        batch = [s.ids for s in plan.sequences[b:b + opts.batch_size]]
+        out = runner.run(batch, opts.dtype)
+        rows = sum(len(x) for x in batch)
+        for name, (arr, n_over) in out.items():
+            if name not in arrays:  # widths are known once the first batch has run
+                arrays[name] = np.empty((n, arr.shape[1]), NUMPY_STORED[opts.dtype])
+            arrays[name][row:row + rows] = arr
+            overflow[name] += n_over
+        row += rows
+    specs = [ArraySpec(s.name, arrays[s.name].shape[1], opts.dtype) for s in runner.specs]
+    _check_overflow(overflow, opts, plan.shard_id)
+    meta = {
+        "seq_start": plan.seq_start, "seq_end": plan.seq_start + len(plan.sequences),
+        "token_start": plan.token_start, "token_end": plan.token_start + n,
+    }
+    return write_shard(fs, root, plan.shard_id, meta, plan.tokens_table(), arrays, specs, opts.compression, overflow)
+
+
+def _check_overflow(overflow: dict[str, int], opts: TaskOptions, shard_id: str) -> None:
+    bad = {h: c for h, c in overflow.items() if c}
+    if bad and opts.on_overflow == "error":
+        h, c = next(iter(bad.items()))
+        raise Float16OverflowError(
+            f"hook {h!r} has {c} values beyond float16's range (|x| > {FLOAT16_MAX:g}) in shard {shard_id}; "
+            "use dtype: bfloat16 or float32 (or on_overflow: inf to store inf and count it)"
+        )

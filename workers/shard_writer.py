@@ -1,0 +1,149 @@
+"""Write one shard (token index, per-hook Zarr arrays, statistics) and commit it atomically.
+
+Layout under <root>/shards/<shard_id>/: tokens.parquet, acts.zarr/<hook>, stats.safetensors and shard.json.
+shard.json is written last and is the shard's commit record: a shard without it is debris from an interrupted
+run and is rewritten. On local disks the shard is built under shards/.tmp/ and renamed into place in one step;
+object stores have no rename, so there the files go to the final prefix and the commit record's PUT is the
+atomic step. The same input always produces the same bytes, so a retried or duplicated task is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from actstore.schemas.manifest import ShardInfo
+from actstore.workers import storage
+from actstore.workers.dtypes import NUMPY_STORED, decode
+from actstore.workers.stats import HookStats
+
+CHUNK_BYTES = 4 << 20  # ~4 MiB full-width chunks: large enough for fast scans, small enough to shuffle
+COMMIT_FILE = "shard.json"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """How one hook is stored."""
+
+    name: str
+    d: int
+    dtype: str  # storage dtype
+
+
+def shard_path(root: str, shard_id: str) -> str:
+    return storage.join(root, "shards", shard_id)
+
+
+def is_committed(fs, root: str, shard_id: str) -> bool:
+    return fs.exists(storage.join(shard_path(root, shard_id), COMMIT_FILE))
+
+
+def read_commit(fs, root: str, shard_id: str) -> ShardInfo:
+    return ShardInfo.model_validate_json(fs.cat_file(storage.join(shard_path(root, shard_id), COMMIT_FILE)))
+
+
+def chunk_rows(d: int, itemsize: int) -> int:
+    """Rows per full-width chunk: ~CHUNK_BYTES, a multiple of 256 rows, at least 256."""
+    return max(256, (CHUNK_BYTES // (d * itemsize)) // 256 * 256)
+
+
+def sha256_array(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _codecs(compression: str) -> list | None:
+    if compression == "zstd":
+        return [zarr.codecs.ZstdCodec(level=1)]
+    return None
+
+
+def write_shard(
+    fs, root: str, shard_id: str, meta: dict, tokens: pa.Table, arrays: dict[str, np.ndarray],
+    specs: list[ArraySpec], compression: str = "none", overflow: dict[str, int] | None = None,
+) -> ShardInfo:
+    """Write and commit one shard; `meta` holds seq/token ranges. Returns the committed ShardInfo."""
+    final = shard_path(root, shard_id)
+    work = storage.join(root, "shards", ".tmp", f"{shard_id}.{uuid.uuid4().hex[:12]}") if storage.is_local(fs) else final
+    if fs.exists(final) and not is_committed(fs, root, shard_id) and work == final:
+        fs.rm(final, recursive=True)  # debris of an interrupted attempt on an object store
+    tok_bytes = _parquet_bytes(tokens)
+    fs.makedirs(work, exist_ok=True)
+    storage.put(fs, storage.join(work, "tokens.parquet"), tok_bytes)
+    sums = _write_arrays(fs, work, arrays, specs, compression)
+    storage.put(fs, storage.join(work, "stats.safetensors"), _stats_bytes(tokens, arrays, specs, overflow or {}))
+    doc = tokens.column("doc_id").to_numpy()
+    info = ShardInfo(
+        id=shard_id, n_tokens=tokens.num_rows, arrays=sums, tokens_sha256=hashlib.sha256(tok_bytes).hexdigest(),
+        doc_start=int(doc.min()) if doc.size else -1, doc_end=int(doc.max()) if doc.size else -1, **meta,
+    )
+    _commit(fs, work, final, info)
+    return info
+
+
+def _commit(fs, work: str, final: str, info: ShardInfo) -> None:
+    record = (info.model_dump_json(indent=1) + "\n").encode()
+    if work == final:
+        storage.put_atomic(fs, storage.join(final, COMMIT_FILE), record)
+        return
+    storage.put_atomic(fs, storage.join(work, COMMIT_FILE), record)
+    if os.path.exists(os.path.join(final, COMMIT_FILE)):
+        fs.rm(work, recursive=True)  # a duplicate task already committed identical bytes
+        return
+    if os.path.exists(final):
+        fs.rm(final, recursive=True)
+    try:
+        os.rename(work, final)  # atomic on one filesystem: the shard appears complete or not at all
+    except OSError:
+        if not os.path.exists(os.path.join(final, COMMIT_FILE)):
+            raise
+        fs.rm(work, recursive=True)  # lost a race against an identical duplicate
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=True)
+    return buf.getvalue()
+
+
+def _write_arrays(fs, work: str, arrays: dict[str, np.ndarray], specs: list[ArraySpec], compression: str) -> dict:
+    store = storage.zarr_store(fs, storage.join(work, "acts.zarr"))
+    group = zarr.open_group(store, mode="w")
+    sums = {}
+    for spec in specs:
+        arr = arrays[spec.name]
+        dt = NUMPY_STORED[spec.dtype]
+        assert arr.dtype == dt and arr.shape[1] == spec.d, (spec, arr.dtype, arr.shape)
+        z = group.create_array(
+            spec.name, shape=arr.shape, chunks=(chunk_rows(spec.d, dt.itemsize), spec.d), dtype=dt,
+            compressors=_codecs(compression), fill_value=0, dimension_names=("token", "d"),
+            attributes={"actstore_dtype": spec.dtype, "hook": spec.name},
+        )
+        if arr.shape[0]:
+            z[:] = arr
+        sums[spec.name] = sha256_array(arr)
+    return sums
+
+
+def _stats_bytes(tokens: pa.Table, arrays: dict, specs: list[ArraySpec], overflow: dict[str, int]) -> bytes:
+    keep = ~tokens.column("special").to_numpy(zero_copy_only=False).astype(bool)
+    tensors: dict[str, np.ndarray] = {}
+    for spec in specs:
+        rows = decode(arrays[spec.name], spec.dtype)[keep]
+        tensors.update(HookStats.from_rows(rows, overflow.get(spec.name, 0)).to_tensors(f"{spec.name}/"))
+    return st_save(tensors, metadata={"format": "actstore-shard-stats-v1", "hooks": json.dumps([s.name for s in specs])})
+
+
+def read_stats(fs, root: str, shard_id: str, hooks: list[str]) -> dict[str, HookStats]:
+    tensors = st_load(fs.cat_file(storage.join(shard_path(root, shard_id), "stats.safetensors")))
+    return {h: HookStats.from_tensors(tensors, f"{h}/") for h in hooks}
