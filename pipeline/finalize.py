@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import platform
 from typing import Any
 
@@ -59,7 +60,7 @@ def merged_stats(fs, root: str, shard_ids: list[str], hooks: list[str]) -> dict[
 def write_stats(fs, root: str, stats: dict[str, HookStats]) -> None:
     for h, st in stats.items():
         storage.put(fs, storage.join(root, "stats", h, "stats.safetensors"),
-                     st_save(st.to_tensors(""), metadata={"format": "actstore-stats-v1", "hook": h}))
+                     st_save(st.to_tensors(""), metadata={"actstore": json.dumps({"format": "actstore-stats-v1", "hook": h})}))
 
 
 def write_docs(fs, root: str, docs: pa.Table) -> None:

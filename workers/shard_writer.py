@@ -53,9 +53,15 @@ def read_commit(fs, root: str, shard_id: str) -> ShardInfo:
     return ShardInfo.model_validate_json(fs.cat_file(storage.join(shard_path(root, shard_id), COMMIT_FILE)))
 
 
-def chunk_rows(d: int, itemsize: int) -> int:
-    """Rows per full-width chunk: ~CHUNK_BYTES, a multiple of 256 rows, at least 256."""
-    return max(256, (CHUNK_BYTES // (d * itemsize)) // 256 * 256)
+def chunk_rows(n: int, d: int, itemsize: int) -> int:
+    """Rows per full-width chunk: about CHUNK_BYTES, split evenly over the shard.
+
+    Zarr stores edge chunks at full size, so the rows are spread evenly over ceil(n / target) chunks: a small
+    shard gets one chunk of exactly its size and a large one wastes less than one row per chunk.
+    """
+    target = max(1, CHUNK_BYTES // (d * itemsize))
+    n_chunks = max(1, -(-n // target))
+    return max(1, -(-n // n_chunks))
 
 
 def sha256_array(arr: np.ndarray) -> str:
@@ -125,7 +131,7 @@ def _write_arrays(fs, work: str, arrays: dict[str, np.ndarray], specs: list[Arra
         dt = NUMPY_STORED[spec.dtype]
         assert arr.dtype == dt and arr.shape[1] == spec.d, (spec, arr.dtype, arr.shape)
         z = group.create_array(
-            spec.name, shape=arr.shape, chunks=(chunk_rows(spec.d, dt.itemsize), spec.d), dtype=dt,
+            spec.name, shape=arr.shape, chunks=(chunk_rows(arr.shape[0], spec.d, dt.itemsize), spec.d), dtype=dt,
             compressors=_codecs(compression), fill_value=0, dimension_names=("token", "d"),
             attributes={"actstore_dtype": spec.dtype, "hook": spec.name},
         )
@@ -140,8 +146,12 @@ def _stats_bytes(tokens: pa.Table, arrays: dict, specs: list[ArraySpec], overflo
     tensors: dict[str, np.ndarray] = {}
     for spec in specs:
         rows = decode(arrays[spec.name], spec.dtype)[keep]
+        # inf rows only exist with on_overflow: inf; they are counted as overflow, not averaged into stats
+        rows = rows[np.isfinite(rows).all(axis=1)] if spec.dtype == "float16" else rows
         tensors.update(HookStats.from_rows(rows, overflow.get(spec.name, 0)).to_tensors(f"{spec.name}/"))
-    return st_save(tensors, metadata={"format": "actstore-shard-stats-v1", "hooks": json.dumps([s.name for s in specs])})
+    # One metadata key: safetensors writes metadata in hash-map order, which would make the bytes vary.
+    meta = json.dumps({"format": "actstore-shard-stats-v1", "hooks": [s.name for s in specs]})
+    return st_save(tensors, metadata={"actstore": meta})
 
 
 def read_stats(fs, root: str, shard_id: str, hooks: list[str]) -> dict[str, HookStats]:

@@ -7,6 +7,7 @@ of the stored array restricted to the same rows. Token-norm quantiles come from 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -122,7 +123,10 @@ def _block_stats(x: np.ndarray) -> HookStats:
     n, d = x.shape
     mean = x.mean(axis=0) if n else np.zeros(d)
     ax = np.abs(x)
-    norms = np.sqrt((x * x).sum(axis=1))
+    # Bit-reproducible reductions: numpy's SIMD/pairwise sums along a *contiguous* axis depend on memory
+    # alignment, which varies between runs. Squares are laid out column-major so the per-row sum runs over
+    # the non-contiguous axis (plain sequential adds), and the scalar total uses the exactly rounded fsum.
+    norms = np.sqrt(np.square(x, order="F").sum(axis=1))
     big = ax > MASSIVE_ABS
     massive = np.zeros(d, np.int64)
     rows = np.flatnonzero(big.any(axis=1))
@@ -132,7 +136,7 @@ def _block_stats(x: np.ndarray) -> HookStats:
     return HookStats(
         n, mean, ((x - mean) ** 2).sum(axis=0), ax.max(axis=0, initial=0.0), (x == 0).sum(axis=0),
         (x > 0).sum(axis=0), massive.astype(np.int64), big.sum(axis=0),
-        np.bincount(np.searchsorted(NORM_EDGES, norms), minlength=len(NORM_EDGES) + 1), float(norms.sum()),
+        np.bincount(np.searchsorted(NORM_EDGES, norms), minlength=len(NORM_EDGES) + 1), math.fsum(norms.tolist()),
     )
 
 

@@ -1,0 +1,152 @@
+"""`actstore` command line: extract, inspect, verify, demo (and the analysis verbs as they land).
+
+Every failure prints one line `actstore: error: <cause>` on stderr and exits non-zero; `--json` prints
+machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+EXIT_ERROR, EXIT_DAMAGED = 2, 1
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from actstore.pipeline.extract import extract
+
+    store = extract(args.config, overrides=args.set)
+    _print({"url": store.url, "n_tokens": store.n_tokens, "hooks": store.hooks,
+            "shards": len(store.manifest.shards)} if args.json else f"wrote {store!r}", args.json)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from actstore.pipeline.store import open_store
+
+    store = open_store(args.url, _storage_options(args))
+    man = store.manifest
+    if args.json:
+        _print(json.loads(man.to_json()) if args.full else _summary(store), True)
+        return 0
+    print(_inspect_text(store))
+    return 0
+
+
+def _summary(store: Any) -> dict:
+    man = store.manifest
+    return {
+        "url": store.url, "model": man.model.model_dump() if man.model else None, "n_tokens": man.n_tokens,
+        "n_sequences": man.n_sequences, "n_docs": man.n_docs, "shards": len(man.shards),
+        "context_length": man.context_length, "packing": man.packing,
+        "hooks": [{"name": h.name, "shape": [man.n_tokens, h.d], "dtype": h.dtype} for h in man.hooks],
+        "stats": man.stats,
+    }
+
+
+def _inspect_text(store: Any) -> str:
+    man = store.manifest
+    model = f"{man.model.id} ({man.model.model_type}, {man.model.n_layers} layers)" if man.model else "(imported)"
+    lines = [f"store      {store.url}", f"model      {model}",
+             f"tokens     {man.n_tokens:,} in {man.n_sequences:,} sequences from {man.n_docs:,} documents, "
+             f"{len(man.shards)} shards", f"context    {man.context_length} (packing={man.packing})", "hooks"]
+    for h in man.hooks:
+        st = man.stats.get(h.name, {})
+        lines.append(f"  {h.name:34s} ({man.n_tokens}, {h.d}) {h.dtype:8s} mean|x|={_f(st.get('mean_norm'))} "
+                     f"p99|x|={_f(st.get('norm_p99'))} max|x_i|={_f(st.get('max_abs'))} "
+                     f"zero={_f(st.get('zero_fraction'))} massive={st.get('n_massive', '-')}")
+    return "\n".join(lines)
+
+
+def _f(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from actstore.pipeline.store import open_store
+
+    report = open_store(args.url, _storage_options(args)).verify()
+    if args.json:
+        _print(report.to_dict(), True)
+    else:
+        print(f"{'OK' if report.ok else 'DAMAGED'}: {report.shards_checked} shards, {report.arrays_checked} arrays, "
+              f"{report.bytes_read / 1e6:.1f} MB read")
+        for p in report.problems:
+            print(f"  {p}")
+    return 0 if report.ok else EXIT_DAMAGED
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from actstore.pipeline.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, executor=args.executor)
+    return 0
+
+
+def _storage_options(args: argparse.Namespace) -> dict | None:
+    return json.loads(args.storage_options) if getattr(args, "storage_options", None) else None
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    print(json.dumps(obj, indent=2, default=str) if as_json else obj)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="actstore", description="Transformer activation datasets and their analyses.")
+    p.add_argument("--version", action="version", version=f"actstore {_version()}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add: Callable[..., argparse.ArgumentParser] = sub.add_parser
+
+    e = add("extract", help="extract activations described by a YAML config into a store")
+    e.add_argument("config", help="YAML config (see README for keys)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    e.add_argument("--json", action="store_true", help="print a JSON summary")
+    e.set_defaults(fn=_extract)
+
+    for name, fn, text in (("inspect", _inspect, "show model, hooks, shapes, dtypes, token counts and statistics"),
+                           ("verify", _verify, "re-read every shard and check it against the manifest (exit 1 on damage)")):
+        c = add(name, help=text)
+        c.add_argument("url", help="store path or URL (file://, memory://, s3://)")
+        c.add_argument("--storage-options", help="fsspec options as JSON (e.g. endpoint_url)")
+        c.add_argument("--json", action="store_true", help="print JSON")
+        if name == "inspect":
+            c.add_argument("--full", action="store_true", help="with --json: the whole manifest")
+        c.set_defaults(fn=fn)
+
+    d = add("demo", help="offline end-to-end demo on MiniLM-L6 and the stdlib pydoc corpus")
+    d.add_argument("--out", default="demo-output", help="output directory")
+    d.add_argument("--quick", action="store_true", help="smaller corpus")
+    d.add_argument("--executor", choices=["ray", "local"], default="ray", help="extraction executor")
+    d.set_defaults(fn=_demo)
+    return p
+
+
+def _version() -> str:
+    from actstore import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("actstore: interrupted (committed shards are kept; rerun to resume)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"actstore: error: {msg}", file=sys.stderr)
+        if args.verbose:
+            raise
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Store format v1: dtypes, verification, commit semantics, fsspec backends, manifest schema, statistics."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+import actstore
+from actstore.pipeline.store import StoreError
+from actstore.workers.dtypes import Float16OverflowError
+from conftest import extract_local
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
+
+
+@pytest.fixture(scope="module")
+def f32_store(tmp_path_factory, tiny, texts):
+    return extract_local(tiny("gpt2"), tmp_path_factory.mktemp("f32") / "s", HOOKS, texts[:6])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_dtypes_round_trip(tmp_path, tiny, texts, f32_store, dtype):
+    store = extract_local(tiny("gpt2"), tmp_path / "s", HOOKS, texts[:6], dtype=dtype)
+    for h in HOOKS:
+        ref = torch.from_numpy(f32_store.activations(h).compute()).to(getattr(torch, dtype)).float().numpy()
+        got = store.activations(h).compute()
+        assert got.dtype == (np.float16 if dtype == "float16" else np.float32)
+        np.testing.assert_array_equal(got.astype(np.float32), ref)
+    arr = store.shard_array(0, HOOKS[0])
+    assert arr.dtype == (np.uint16 if dtype == "bfloat16" else np.float16) and arr.attrs["actstore_dtype"] == dtype
+    assert store.manifest.hook(HOOKS[0]).dtype == dtype
+
+
+def test_from_arrays_bfloat16_lossless(tmp_path):
+    x = torch.randn(300, 8).to(torch.bfloat16)
+    store = actstore.from_arrays({"blocks.0.hook_resid_post": x}, str(tmp_path / "s"), shard_tokens=128)
+    assert store.manifest.hooks[0].dtype == "bfloat16" and len(store.manifest.shards) == 3
+    np.testing.assert_array_equal(store.activations("blocks.0.hook_resid_post").compute(), x.float().numpy())
+
+
+@pytest.fixture(scope="module")
+def huge_model(tmp_path_factory, tiny):
+    """A tiny GPT-2 whose embeddings are scaled far beyond float16's range."""
+    import transformers as T
+
+    src = tiny("gpt2")
+    model = T.AutoModel.from_pretrained(src)
+    with torch.no_grad():
+        model.wte.weight.mul_(1e6)
+    out = tmp_path_factory.mktemp("huge") / "m"
+    model.save_pretrained(out)
+    T.AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return str(out)
+
+
+def test_float16_overflow_is_an_error(tmp_path, huge_model, texts):
+    out = tmp_path / "s"
+    with pytest.raises(Float16OverflowError, match="beyond float16's range.*bfloat16"):
+        extract_local(huge_model, out, ["blocks.0.hook_resid_pre"], texts[:2], dtype="float16")
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(StoreError, match="incomplete"):
+        actstore.open_store(str(out))
+
+
+def test_float16_overflow_counted_when_allowed(tmp_path, huge_model, texts):
+    store = extract_local(huge_model, tmp_path / "s", ["blocks.0.hook_resid_pre"], texts[:2], dtype="float16",
+                          on_overflow="inf")
+    x = store.activations("blocks.0.hook_resid_pre").compute()
+    n_inf = int(np.isinf(x).sum())
+    assert n_inf > 0 and store.manifest.stats["blocks.0.hook_resid_pre"]["n_overflow"] == n_inf
+
+
+def _chunk_files(root: Path, hook: str) -> list[Path]:
+    return sorted((root / "shards").glob(f"*/acts.zarr/{hook}/c/*/*"))
+
+
+def test_verify_catches_flipped_byte_and_missing_shard(tmp_path, tiny, texts):
+    store = extract_local(tiny("gpt2"), tmp_path / "s", HOOKS, texts[:6])
+    assert store.verify().ok
+    chunk = _chunk_files(tmp_path / "s", HOOKS[0])[1]
+    data = bytearray(chunk.read_bytes())
+    data[17] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    rep = actstore.open_store(str(tmp_path / "s")).verify()
+    assert not rep.ok and any("checksum mismatch" in p and HOOKS[0] in p for p in rep.problems)
+    victim = tmp_path / "s" / "shards" / store.manifest.shards[-1].id
+    import shutil
+
+    shutil.rmtree(victim)
+    rep = actstore.open_store(str(tmp_path / "s")).verify()
+    assert any(store.manifest.shards[-1].id in p and "missing" in p for p in rep.problems)
+
+
+def test_cli_verify_exit_codes(tmp_path, tiny, texts, capsys):
+    from actstore.cli import main
+
+    extract_local(tiny("gpt2"), tmp_path / "s", HOOKS[:1], texts[:3])
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.startswith("OK")
+    chunk = _chunk_files(tmp_path / "s", HOOKS[0])[0]
+    chunk.write_bytes(b"\x00" * chunk.stat().st_size)
+    assert main(["verify", str(tmp_path / "s"), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and "checksum mismatch" in report["problems"][0]
+
+
+def test_store_without_manifest_is_not_complete(tmp_path, tiny, texts):
+    extract_local(tiny("gpt2"), tmp_path / "s", HOOKS[:1], texts[:3])
+    os.remove(tmp_path / "s" / "manifest.json")
+    with pytest.raises(StoreError, match="no manifest.json"):
+        actstore.open_store(str(tmp_path / "s"))
+
+
+def test_memory_and_file_urls(tmp_path, tiny, texts, f32_store):
+    mem = extract_local(tiny("gpt2"), "memory://actstore-test/s1", HOOKS, texts[:6])
+    fileurl = extract_local(tiny("gpt2"), f"file://{tmp_path}/s2", HOOKS, texts[:6])
+    for s in (mem, fileurl, actstore.open_store("memory://actstore-test/s1")):
+        assert s.verify().ok and s.manifest.shards == f32_store.manifest.shards
+        np.testing.assert_array_equal(s.activations(HOOKS[1]).compute(), f32_store.activations(HOOKS[1]).compute())
+
+
+def test_manifest_validates_against_committed_schema(f32_store, tmp_path):
+    from actstore.schemas import manifest as m
+
+    schema = json.loads((Path(m.__file__).with_name("manifest.schema.json")).read_text())
+    assert schema == json.loads(json.dumps(m.json_schema())), "regenerate: python -m actstore.schemas.manifest"
+    doc = json.loads((Path(f32_store.url) / "manifest.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    imported = actstore.from_arrays({"blocks.0.hook_resid_pre": np.ones((5, 3), np.float32)}, str(tmp_path / "i"))
+    jsonschema.Draft202012Validator(schema).validate(json.loads((Path(imported.url) / "manifest.json").read_text()))
+    doc["shards"][0]["n_tokens"] = "many"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(schema).validate(doc)
+
+
+def test_token_index_and_docs(f32_store, texts):
+    tok = f32_store.tokens()
+    assert tok.column_names[:4] == ["token_id", "doc_id", "seq_id", "position"]
+    assert [str(tok.schema.field(c).type) for c in tok.column_names[:4]] == ["int32", "int64", "int64", "int32"]
+    docs = f32_store.docs()
+    assert docs.column("doc_id").to_pylist() == list(range(6))
+    counts = np.bincount(tok.column("doc_id").to_numpy(), minlength=6)
+    assert docs.column("n_tokens").to_pylist() == counts.tolist()
+    # packing: every window starts with BOS, flagged special
+    t = tok.to_pandas()
+    assert t[t.position == 0].special.all()
+
+
+def test_merged_stats_equal_numpy(f32_store):
+    keep = ~f32_store.special_mask()
+    for h in HOOKS:
+        x = f32_store.activations(h).compute()[keep].astype(np.float64)
+        st = f32_store.stats(h)
+        assert st.n == len(x)
+        np.testing.assert_allclose(st.mean, x.mean(0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(st.var, x.var(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(st.max_abs, np.abs(x).max(0))
+        np.testing.assert_array_equal(st.fire_count, (x > 0).sum(0))
+        np.testing.assert_array_equal(st.zero_count, (x == 0).sum(0))
+        summ = f32_store.manifest.stats[h]
+        norms = np.linalg.norm(x, axis=1)
+        assert summ["mean_norm"] == pytest.approx(norms.mean(), rel=1e-9)
+        assert summ["norm_p50"] == pytest.approx(np.median(norms), rel=0.03)
+    assert 0 < f32_store.manifest.stats[HOOKS[1]]["firing_rate_mean"] < 1
+
+
+def test_import_isolation():
+    import subprocess
+    import sys
+
+    code = ("import sys, actstore.workers, actstore.schemas, actstore.workers.runner, actstore.workers.shard_task;"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('ray','dask','distributed')]; print(bad); "
+            "sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
