@@ -95,8 +95,10 @@ class ModelRunner:
     @staticmethod
     def _load(model: str, revision: str | None, model_dtype: str, trust_remote_code: bool) -> nn.Module:
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         load_config(model, revision, trust_remote_code)  # one-line errors for bad paths first
+        hf_logging.disable_progress_bar()  # our own bar reports tokens; HF's per-file bars are noise here
         return AutoModel.from_pretrained(
             model, revision=revision, dtype=TORCH_DTYPES[model_dtype], trust_remote_code=trust_remote_code
         )

@@ -30,6 +30,7 @@ def _run(tmp_path, capsys, **overrides):
     cfg.update(overrides)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()  # drop anything fixtures printed
     code = main(["extract", str(path)])
     err = capsys.readouterr().err.strip()
     return code, err
