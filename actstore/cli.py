@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +81,51 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else EXIT_DAMAGED
 
 
+def _spectra(args: argparse.Namespace) -> int:
+    from actstore.pipeline.dask_jobs import dask_client
+    from actstore.pipeline.spectra import save_spectrum, spectrum
+    from actstore.pipeline.store import open_store
+
+    store = open_store(args.url, _storage_options(args))
+    hooks = args.hook or store.hooks
+    rows = []
+    with dask_client(args.scheduler):
+        for h in hooks:
+            res = spectrum(store, h, exclude_special=not args.include_special, tw_margin=args.tw_margin)
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                save_spectrum(res, os.path.join(args.out, f"spectrum-{h}.json"))
+            rows.append({"hook": h, **{k: res.metrics[k] for k in SPECTRUM_KEYS}})
+    if args.json:
+        _print(rows, True)
+    else:
+        for r in rows:
+            print(" ".join(f"{k}={_f(v) if isinstance(v, float) else v}" for k, v in r.items()))
+    return 0
+
+
+SPECTRUM_KEYS = ("n_samples", "d", "sigma2", "lambda_plus", "n_outliers", "ks", "spectral_entropy",
+                 "effective_rank", "participation_ratio", "alpha")
+
+
+def _train_probe(args: argparse.Namespace) -> int:
+    from actstore.pipeline.dask_jobs import dask_client
+    from actstore.pipeline.probes import probe_sweep
+    from actstore.pipeline.store import open_store
+
+    store = open_store(args.store, _storage_options(args))
+    with dask_client(args.scheduler):
+        sweep = probe_sweep(store, args.label, args.hook or None, args.pooling, args.kind, args.seed)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        sweep.save(os.path.join(args.out, f"probes-{args.label}.json"))
+        sweep.plot(os.path.join(args.out, f"probes-{args.label}.png"))
+    _print(sweep.table if args.json else "\n".join(
+        f"{r['hook']:34s} auroc={r['auroc']:.4f} acc={r['accuracy']:.4f} f1={r['f1']:.4f} "
+        f"r@1%fpr={r['recall_at_1pct_fpr']:.3f} r@5%fpr={r['recall_at_5pct_fpr']:.3f}" for r in sweep.table), args.json)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from actstore.pipeline.demo import run_demo
 
@@ -93,6 +139,11 @@ def _storage_options(args: argparse.Namespace) -> dict | None:
 
 def _print(obj: Any, as_json: bool) -> None:
     print(json.dumps(obj, indent=2, default=str) if as_json else obj)
+
+
+def _add_train_sae(tsub: Any) -> None:
+    """`train sae|transcoder` (wired in when the SAE trainer is installed)."""
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inspect":
             c.add_argument("--full", action="store_true", help="with --json: the whole manifest")
         c.set_defaults(fn=fn)
+
+    s = add("spectra", help="covariance spectra (Marchenko-Pastur fit, outliers, entropy, rank) as a Dask job")
+    s.add_argument("url", help="store path or URL")
+    s.add_argument("--hook", action="append", help="hook to analyse (repeatable; default: all)")
+    s.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    s.add_argument("--out", help="directory for spectrum-<hook>.json (eigenvalues, outliers, metrics)")
+    s.add_argument("--tw-margin", type=float, default=4.0, help="outlier margin in Tracy-Widom scales")
+    s.add_argument("--include-special", action="store_true", help="keep BOS/CLS/SEP tokens")
+    s.add_argument("--storage-options", help="fsspec options as JSON")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=_spectra)
+
+    t = add("train", help="train probes (and SAEs/transcoders) from a store as Dask jobs")
+    tsub = t.add_subparsers(dest="what", required=True, metavar="WHAT")
+    tp = tsub.add_parser("probe", help="probe a document label on every hook (one Dask task per hook)")
+    tp.add_argument("--store", required=True, help="store path or URL")
+    tp.add_argument("--label", required=True, help="document field holding the label (docs.parquet column)")
+    tp.add_argument("--hook", action="append", help="hook (repeatable; default: every stored hook)")
+    tp.add_argument("--pooling", choices=["mean", "last", "max"], default="mean")
+    tp.add_argument("--kind", choices=["logistic", "mlp"], default="logistic")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--out", help="directory for probes-<label>.json and the AUROC-by-layer plot")
+    tp.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    tp.add_argument("--storage-options", help="fsspec options as JSON")
+    tp.add_argument("--json", action="store_true", help="print JSON")
+    tp.set_defaults(fn=_train_probe)
+    _add_train_sae(tsub)
 
     d = add("demo", help="offline end-to-end demo on MiniLM-L6 and the stdlib pydoc corpus")
     d.add_argument("--out", default="demo-output", help="output directory")

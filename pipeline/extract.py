@@ -20,6 +20,7 @@ from actstore.workers.runner import load_config, load_tokenizer, max_context
 from actstore.workers.shard_writer import is_committed
 
 from actstore.pipeline.finalize import finalize_extract
+from actstore.pipeline.lease import Lease
 from actstore.pipeline.output import check_output, write_run_record
 from actstore.pipeline.plan import make_plan
 from actstore.pipeline.store import Store, open_store
@@ -37,13 +38,14 @@ def extract(config: ExtractConfig | dict | str | Path, overrides: list[str] | No
     if state.complete:
         log.info("output %s already holds this store; nothing to do", cfg.output)
         return open_store(cfg.output, cfg.storage_options)
-    write_run_record(fs, root, cfg.config_hash(), plan.corpus_sha256, cfg.public_dict())
-    todo = [p for p in plan.shards if not is_committed(fs, root, p.shard_id)]
-    done = plan.n_tokens - sum(p.n_tokens for p in todo)
-    with tqdm(total=plan.n_tokens, initial=done, unit="tok", unit_scale=True, disable=not cfg.progress,
-              desc="extract", dynamic_ncols=True) as bar:
-        _execute(cfg, todo, plan.special.pad, fs, root, bar.update)
-    finalize_extract(cfg, plan, model_cfg, tok, fs, root)
+    with Lease(fs, root, cfg.output, stale_after=cfg.lease_stale_after, beat=min(5.0, cfg.lease_stale_after / 3)):
+        write_run_record(fs, root, cfg.config_hash(), plan.corpus_sha256, cfg.public_dict())
+        todo = [p for p in plan.shards if not is_committed(fs, root, p.shard_id)]
+        done = plan.n_tokens - sum(p.n_tokens for p in todo)
+        with tqdm(total=plan.n_tokens, initial=done, unit="tok", unit_scale=True, disable=not cfg.progress,
+                  desc="extract", dynamic_ncols=True) as bar:
+            _execute(cfg, todo, plan.special.pad, fs, root, bar.update)
+        finalize_extract(cfg, plan, model_cfg, tok, fs, root)
     return open_store(cfg.output, cfg.storage_options)
 
 

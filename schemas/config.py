@@ -77,6 +77,8 @@ class ExtractConfig(BaseModel):
     """fsspec options for output and corpus (endpoint, key, secret). Never logged or stored."""
     progress: bool = True
     """Show a progress bar (tokens, tokens/s, ETA)."""
+    lease_stale_after: float = Field(default=60.0, gt=0)
+    """Seconds without heartbeat after which another run's lease on the output counts as dead and is taken over."""
 
     @model_validator(mode="before")
     @classmethod
@@ -136,7 +138,8 @@ class ExtractConfig(BaseModel):
 
     def content_dict(self) -> dict[str, Any]:
         """Fields that determine the stored bytes (what the config hash covers)."""
-        skip = {"output", "executor", "ray_address", "num_workers", "storage_options", "progress", "device"}
+        skip = {"output", "executor", "ray_address", "num_workers", "storage_options", "progress", "device",
+                "lease_stale_after"}
         data = self.model_dump(exclude=skip)
         if not isinstance(self.corpus, str):
             data["corpus"] = "<in-memory>"  # its content is covered by the corpus hash instead

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from actstore.workers.sae import SAEConfig, SparseAutoencoder
+from actstore.workers.saelens_export import save_saelens
 
 Batch = Tensor | tuple[Tensor, Tensor]
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -142,8 +143,6 @@ class TrainResult:
     def save(self, directory: str | os.PathLike, hook_name: str = "",
              extra_metadata: dict[str, Any] | None = None) -> Path:
         """Write SAELens-loadable files (cfg.json, sae_weights.safetensors) plus actstore.json."""
-        from actstore.workers.saelens_export import save_saelens
-
         meta = {"train_config": asdict(self.train_cfg), "train_metrics": self.metrics, **(extra_metadata or {})}
         return save_saelens(self.sae, directory, hook_name, extra_metadata=meta)
 
@@ -196,8 +195,10 @@ def _loop(sae: SparseAutoencoder, opt: torch.optim.Optimizer, stream: Iterator[t
         batch = next(stream, None)
         if batch is None:
             break
-        x_in, x_out = (t.to(device, torch.float32, non_blocking=True) for t in batch)
-        stats = _step(sae, opt, x_in * state.scale_in, x_out * state.scale_out, state, cfg, base_lr)
+        x_in = batch[0].to(device, torch.float32, non_blocking=True) * state.scale_in
+        # SAEs: the target is the input itself (same scale), so no second copy is made.
+        x_out = x_in if batch[1] is batch[0] else batch[1].to(device, torch.float32) * state.scale_out
+        stats = _step(sae, opt, x_in, x_out, state, cfg, base_lr)
         _update_state(state, stats, x_in.shape[0])
         last = state.step == cfg.total_steps
         if ckpt_dir and ((cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or last):
@@ -254,7 +255,7 @@ def _start(sae: SparseAutoencoder, stream: Iterator[tuple[Tensor, Tensor]], sae_
     if not head:
         raise ValueError(f"train(): the batch iterator yielded fewer than batch_size={cfg.batch_size} rows")
     x_in = torch.cat([b[0] for b in head]).to(device, torch.float32)
-    x_out = torch.cat([b[1] for b in head]).to(device, torch.float32)
+    x_out = torch.cat([b[1] for b in head]).to(device, torch.float32) if sae_cfg.transcoder else x_in
     state = _State(since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=device))
     if cfg.normalize_to == "sqrt_d":
         state.scale_in, state.scale_out = _sqrt_d_scale(x_in), _sqrt_d_scale(x_out)
@@ -279,7 +280,8 @@ def _rebatch(it: Iterator[Batch], batch_size: int, paired: bool) -> Iterator[tup
         if paired != isinstance(item, (tuple, list)):
             kind = "(x_in, x_out) pairs" if paired else "tensors"
             raise TypeError(f"train(): expected batches of {kind} for this config, got {type(item).__name__}")
-        x_in = (item[0] if paired else item).reshape(-1, (item[0] if paired else item).shape[-1])
+        first = item[0] if paired else item
+        x_in = first.reshape(-1, first.shape[-1])
         buf_in.append(x_in)
         if paired:
             buf_out.append(item[1].reshape(-1, item[1].shape[-1]))
@@ -289,7 +291,8 @@ def _rebatch(it: Iterator[Batch], batch_size: int, paired: bool) -> Iterator[tup
         while n >= batch_size:
             cat_in = torch.cat(buf_in)
             cat_out = torch.cat(buf_out) if paired else cat_in
-            yield cat_in[:batch_size], cat_out[:batch_size]
+            chunk = cat_in[:batch_size]
+            yield chunk, (cat_out[:batch_size] if paired else chunk)
             buf_in, buf_out, n = [cat_in[batch_size:]], [cat_out[batch_size:]] if paired else [], n - batch_size
 
 

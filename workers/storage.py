@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from typing import Any
 
 import fsspec
@@ -33,11 +34,18 @@ def zarr_store(fs: fsspec.AbstractFileSystem, path: str, read_only: bool = False
     """A Zarr store over `path`: LocalStore for local disks (fastest), FsspecStore otherwise."""
     if is_local(fs):
         return LocalStore(path, read_only=read_only)
-    if not getattr(fs, "async_impl", False):
+    if getattr(fs, "async_impl", False) and not getattr(fs, "asynchronous", False):
+        # zarr drives async filesystems from its own event loop: it needs an instance made for async use
+        # (a sync-mode s3fs instance is bound to fsspec's loop and fails with "attached to a different loop").
+        fs = type(fs)(**{**fs.storage_options, "asynchronous": True})
+    elif not getattr(fs, "async_impl", False):
         from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
         fs = AsyncFileSystemWrapper(fs)
-    return FsspecStore(fs, path=path, read_only=read_only)
+    with warnings.catch_warnings():
+        # a wrapped sync filesystem (memory://) is fine for zarr; its "not asynchronous" warning is noise
+        warnings.simplefilter("ignore")
+        return FsspecStore(fs, path=path, read_only=read_only)
 
 
 def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

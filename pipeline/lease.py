@@ -1,0 +1,73 @@
+"""Single-writer lease on an output: `lease.json` with an owner id and a heartbeat.
+
+A second extract on the same output is refused while the lease's heartbeat is fresh. A writer that died
+leaves a stale lease (no heartbeat for `stale_after` seconds, default 60): the next run takes it over. To take
+over sooner, delete `<output>/lease.json` by hand — only when you are sure the other run is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from types import TracebackType
+
+from actstore.workers import storage
+
+LEASE = "lease.json"
+
+
+class LeaseError(RuntimeError):
+    """Another writer holds the output."""
+
+
+class Lease:
+    """Context manager: acquire on enter, heartbeat in a daemon thread, release on exit."""
+
+    def __init__(self, fs, root: str, url: str, stale_after: float = 60.0, beat: float = 5.0) -> None:
+        self.fs, self.path, self.url = fs, storage.join(root, LEASE), url
+        self.stale_after, self.beat = stale_after, beat
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        return json.dumps({"owner": self.owner, "heartbeat": time.time()}).encode()
+
+    def _current(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except (FileNotFoundError, ValueError, OSError):
+            return None
+
+    def __enter__(self) -> "Lease":
+        cur = self._current()
+        if cur and cur.get("owner") != self.owner and time.time() - float(cur.get("heartbeat", 0)) < self.stale_after:
+            raise LeaseError(f"output {self.url!r} is being written by another extract ({cur.get('owner')}); "
+                             f"wait for it, or if it died, retry after {self.stale_after:.0f}s without heartbeat")
+        storage.put_atomic(self.fs, self.path, self._record())
+        time.sleep(min(0.2, self.beat))  # last writer wins on a race: check we are that writer
+        cur = self._current()
+        if not cur or cur.get("owner") != self.owner:
+            raise LeaseError(f"output {self.url!r} was claimed by another extract ({cur and cur.get('owner')})")
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="actstore-lease")
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.beat):
+            try:
+                storage.put_atomic(self.fs, self.path, self._record())
+            except OSError:
+                pass  # transient storage trouble: the next beat retries
+
+    def __exit__(self, et: type | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=self.beat + 1)
+        cur = self._current()
+        if cur and cur.get("owner") == self.owner:
+            self.fs.rm(self.path)
