@@ -142,8 +142,56 @@ def _print(obj: Any, as_json: bool) -> None:
 
 
 def _add_train_sae(tsub: Any) -> None:
-    """`train sae|transcoder` (wired in when the SAE trainer is installed)."""
-    return None
+    """`train sae` and `train transcoder`: one Dask task per (hook, sweep point)."""
+    for what, text in (("sae", "train sparse autoencoders on hooks"),
+                       ("transcoder", "train transcoders from --in-hook to --out-hook")):
+        c = tsub.add_parser(what, help=text)
+        c.add_argument("--store", required=True, help="store path or URL")
+        if what == "sae":
+            c.add_argument("--hook", action="append", required=True, help="hook (repeatable: one task each)")
+        else:
+            c.add_argument("--in-hook", required=True, help="input hook, e.g. blocks.2.hook_mlp_in")
+            c.add_argument("--out-hook", required=True, help="output hook, e.g. blocks.2.hook_mlp_out")
+            c.add_argument("--skip", action="store_true", help="add a linear skip path (skip transcoder)")
+        c.add_argument("--architecture", choices=["topk", "batchtopk", "relu", "jumprelu"], default="topk")
+        c.add_argument("--expansion", type=int, default=8)
+        c.add_argument("--k", type=int, default=32)
+        c.add_argument("--training-tokens", type=int, default=2**24)
+        c.add_argument("--batch-size", type=int, default=4096)
+        c.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--sweep", nargs="+", metavar="KEY=V1,V2", help="grid over options, e.g. k=32,64 expansion=8,16")
+        c.add_argument("--out", required=True, help="directory: one SAELens-format subdirectory per task")
+        c.add_argument("--model", help="causal LM path for CE/KL scores (default: the manifest's model)")
+        c.add_argument("--threads", type=int, help="torch threads per task (default: all cores)")
+        c.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+        c.add_argument("--storage-options", help="fsspec options as JSON")
+        c.add_argument("--json", action="store_true", help="print JSON")
+        c.set_defaults(fn=_train_sae)
+
+
+def _train_sae(args: argparse.Namespace) -> int:
+    from actstore.pipeline.dask_jobs import dask_client
+    from actstore.pipeline.store import open_store
+    from actstore.pipeline.train_jobs import parse_sweep, train_sweep
+
+    store = open_store(args.store, _storage_options(args))
+    base = {"architecture": args.architecture, "expansion": args.expansion, "k": args.k, "seed": args.seed,
+            "training_tokens": args.training_tokens, "batch_size": args.batch_size,
+            "checkpoint_every": args.checkpoint_every}
+    if args.model:
+        base["model"] = args.model
+    if args.what == "transcoder":
+        hook_sets, base["skip"] = [[args.in_hook, args.out_hook]], args.skip
+    else:
+        hook_sets = [[h] for h in args.hook]
+    grid = [{**base, **point} for point in parse_sweep(args.sweep)]
+    with dask_client(args.scheduler):
+        rows = train_sweep(store, args.what, hook_sets, grid, args.out, args.threads)
+    _print(rows if args.json else "\n".join(
+        f"{r['out_dir']}: fvu={_f(r.get('fvu'))} l0={_f(r.get('l0'))} dead={_f(r.get('dead_fraction'))}"
+        for r in rows), args.json)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
