@@ -94,7 +94,7 @@ def _spectra(args: argparse.Namespace) -> int:
             res = spectrum(store, h, exclude_special=not args.include_special, tw_margin=args.tw_margin)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
-                save_spectrum(res, os.path.join(args.out, f"spectrum-{h}.json"))
+                save_spectrum(res, os.path.join(args.out, f"spectrum-{h}.json"), h)
             rows.append({"hook": h, **{k: res.metrics[k] for k in SPECTRUM_KEYS}})
     if args.json:
         _print(rows, True)

@@ -61,8 +61,46 @@ def run_demo(out: str, quick: bool = False, executor: str = "ray") -> dict[str, 
 
 
 def _analyses(store: Any, out_dir: Path, quick: bool) -> dict[str, str]:
-    """SAE, probe sweep, spectra and the report, as far as those modules exist in this build."""
-    from actstore.cli import _inspect_text
+    """SAE on one hook, probe sweep over layers, spectra of every hook, then the HTML report."""
+    from actstore.pipeline.dask_jobs import dask_client
+    from actstore.pipeline.probes import probe_sweep
+    from actstore.pipeline.spectra import save_spectrum, spectrum
+    from actstore.pipeline.train import train_sae
 
-    print(_inspect_text(store))
-    return {}
+    paths: dict[str, str] = {}
+    t0 = time.time()
+    sae_dir = out_dir / "sae-blocks.3.hook_resid_post"
+    res = train_sae(store, "blocks.3.hook_resid_post", expansion=4, k=16, training_tokens=60_000 if quick else 300_000,
+                    batch_size=1024, seed=0, out_dir=str(sae_dir), checkpoint_every=100)
+    m = res.metrics
+    print(f"[demo] SAE (topk, 4x, k=16) on blocks.3.hook_resid_post: fvu={m['fvu']:.3f} l0={m['l0']:.1f} "
+          f"dead={m['dead_fraction']:.3f} in {time.time() - t0:.0f}s")
+    paths["sae"] = str(sae_dir)
+    with dask_client():
+        t0 = time.time()
+        sweep = probe_sweep(store, "has_example", [h for h in store.hooks if h.endswith("resid_post")], threads=1)
+        sweep.save(str(out_dir / "probes-has_example.json"))
+        sweep.plot(str(out_dir / "probes-has_example.png"))
+        best = max(sweep.table, key=lambda r: r["auroc"])
+        print(f"[demo] probe sweep for has_example: best AUROC {best['auroc']:.3f} at {best['hook']} "
+              f"in {time.time() - t0:.0f}s")
+        paths["probes"] = str(out_dir / "probes-has_example.json")
+        spec_dir = out_dir / "spectra"
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        for h in store.hooks:
+            r = spectrum(store, h)
+            save_spectrum(r, str(spec_dir / f"spectrum-{h}.json"), h)
+            print(f"[demo] spectrum {h}: {r.metrics['n_outliers']} outliers above the MP edge, "
+                  f"effective rank {r.metrics['effective_rank']:.1f} of {r.metrics['d']}")
+        paths["spectra"] = str(spec_dir)
+    paths.update(_report(store, out_dir))
+    return paths
+
+
+def _report(store: Any, out_dir: Path) -> dict[str, str]:
+    try:
+        from actstore.pipeline.report import write_report
+    except ImportError:
+        return {}
+    path = write_report(store, str(out_dir / "report.html"), results_dir=str(out_dir))
+    return {"report": str(path)}

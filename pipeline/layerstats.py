@@ -107,15 +107,21 @@ class TopK:
     @classmethod
     def of_block(cls, x: np.ndarray, ax: np.ndarray, rows: np.ndarray, k: int) -> TopK:
         """Top-k of a (rows, d) block; `rows` are the global row numbers of its rows."""
-        flat = ax.ravel()
-        kk = min(k, flat.size)
+        kk = min(k, ax.size)
         if kk == 0:
             return cls(k)
+        # The top-k entries lie in the rows whose max |x| is at least the k-th largest row max: select within
+        # those rows only (a partition over the whole block would cost more than all the other statistics).
+        row_max = ax.max(axis=1)
+        kr = min(kk, len(row_max))
+        cand = np.flatnonzero(row_max >= -np.partition(-row_max, kr - 1)[kr - 1])
+        flat = ax[cand].ravel()
         t = -np.partition(-flat, kk - 1)[kk - 1]  # the k-th largest |x|
         above = np.flatnonzero(flat > t)
         # Among entries tied at t keep the first in (row, dim) order, as the merge's tie-break does.
         idx = np.concatenate([above, np.flatnonzero(flat == t)[: kk - above.size]])
         r, c = np.divmod(idx, x.shape[1])
+        r = cand[r]
         med = np.median(ax[r], axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(med > 0, ax[r, c] / np.where(med > 0, med, 1.0), np.inf)
@@ -216,8 +222,9 @@ def row_blocks(chunks: tuple[int, ...], target: int) -> list[tuple[int, int]]:
 
 
 def _read(arr: Any, start: int, stop: int, keep: np.ndarray) -> np.ndarray:
+    """Rows [start, stop) of a hook restricted to `keep`, as stored (float16/float32)."""
     x = np.asarray(arr[start:stop].compute(scheduler="sync"))
-    return (x if keep.all() else x[keep]).astype(np.float64)
+    return x if keep.all() else x[keep]
 
 
 def block_partial(arrs: dict[str, Any], plan: LayerPlan, start: int, stop: int, keep: np.ndarray,
@@ -228,7 +235,7 @@ def block_partial(arrs: dict[str, Any], plan: LayerPlan, start: int, stop: int, 
     prev: tuple[str, np.ndarray, np.ndarray] | None = None
     chain = set(plan.chain)
     for h in plan.resid:
-        x = _read(arrs[h], start, stop, keep)
+        x = _read(arrs[h], start, stop, keep).astype(np.float64)  # float64 sums, as workers.stats does
         part.resid[h], norms = resid_block(x, rows, k)
         if h in chain:
             if prev is not None:

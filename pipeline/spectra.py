@@ -51,9 +51,7 @@ def spectrum(store: Any, hook: str, exclude_special: bool = True, max_tokens: in
 
         store = open_store(store)
     _, cov, n = covariance(store, hook, exclude_special, max_tokens, scheduler)
-    res = spectrum_from_covariance(cov, n, tw_margin=tw_margin)
-    res.metrics.update({"hook": hook, "store": store.url})
-    return res
+    return spectrum_from_covariance(cov, n, tw_margin=tw_margin)
 
 
 def windowed(store: Any, hook: str, window_rows: int, exclude_special: bool = True) -> list[dict[str, Any]]:
@@ -69,7 +67,7 @@ def windowed(store: Any, hook: str, window_rows: int, exclude_special: bool = Tr
     return windowed_descriptors(blocks(), window_rows, tw_margin=4.0)
 
 
-def save_spectrum(res: SpectrumResult, path: str) -> None:
+def save_spectrum(res: SpectrumResult, path: str, hook: str | None = None) -> None:
     """metrics + eigenvalues as JSON (plain numbers; no pickle)."""
     with open(path, "w") as f:
-        json.dump(res.to_json(), f, indent=1)
+        json.dump({**res.to_json(), "hook": hook}, f, indent=1)

@@ -26,6 +26,7 @@ from actstore.workers.sae_train import TrainConfig, TrainResult, train
 
 SAE_FIELDS = {f for f in SAEConfig.__dataclass_fields__} - {"d_in", "architecture", "expansion", "k", "transcoder",
                                                                "d_out"}
+CAUSAL_TYPES = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gptj", "opt", "gemma", "gemma2", "phi"}
 TRAIN_FIELDS = set(TrainConfig.__dataclass_fields__) - {"training_tokens", "seed"}
 
 
@@ -92,6 +93,9 @@ def _spliced_metrics(store: Any, hooks: list[str], res: TrainResult, cut: int, m
     path = model or (store.manifest.model.id if store.manifest.model else None)
     if not path or n <= 0:
         res.metrics["ce_kl"] = "skipped: no model in the manifest (pass model=...)"
+        return
+    if store.manifest.model and store.manifest.model.model_type not in CAUSAL_TYPES and not model:
+        res.metrics["ce_kl"] = f"skipped: {store.manifest.model.model_type} is not a causal LM"
         return
     from actstore.pipeline.splice import load_causal_lm, splice_scores
 

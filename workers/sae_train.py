@@ -193,7 +193,9 @@ def _loop(sae: SparseAutoencoder, opt: torch.optim.Optimizer, stream: Iterator[t
     t0, tokens0 = time.perf_counter(), state.tokens
     while state.step < cfg.total_steps:
         batch = next(stream, None)
-        if batch is None:
+        if batch is None:  # ran dry: keep what was learned so far resumable, then report it
+            if ckpt_dir and state.step > 0:
+                _save_checkpoint(ckpt_dir, sae, opt, state, cfg)
             break
         x_in = batch[0].to(device, torch.float32, non_blocking=True) * state.scale_in
         # SAEs: the target is the input itself (same scale), so no second copy is made.
