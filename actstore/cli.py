@@ -126,6 +126,18 @@ def _train_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from actstore.pipeline.dask_jobs import dask_client
+    from actstore.pipeline.report import write_report
+    from actstore.pipeline.store import open_store
+
+    store = open_store(args.url, _storage_options(args))
+    with dask_client(args.scheduler):
+        path = write_report(store, args.out, results_dir=args.results, spectra_hooks=args.hook or None)
+    _print({"report": str(path)} if args.json else f"wrote {path}", args.json)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from actstore.pipeline.demo import run_demo
 
@@ -243,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--json", action="store_true", help="print JSON")
     tp.set_defaults(fn=_train_probe)
     _add_train_sae(tsub)
+
+    r = add("report", help="self-contained HTML report: summary, spectra with MP fits, layer curves, SAE/probe results")
+    r.add_argument("url", help="store path or URL")
+    r.add_argument("-o", "--out", default="report.html", help="output HTML file")
+    r.add_argument("--results", help="directory with SAE/probe/spectra results (default: the store's parent)")
+    r.add_argument("--hook", action="append", help="hook to plot a spectrum for (repeatable; default: up to 8)")
+    r.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    r.add_argument("--storage-options", help="fsspec options as JSON")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.set_defaults(fn=_report)
 
     d = add("demo", help="offline end-to-end demo on MiniLM-L6 and the stdlib pydoc corpus")
     d.add_argument("--out", default="demo-output", help="output directory")

@@ -8,7 +8,7 @@ This process hosts the Dask scheduler (run it on a login node, or inside a small
 submits `--jobs` SLURM jobs that each start one Dask worker from the same Python environment. It then runs
 `actstore spectra ... --scheduler ADDRESS` and `actstore train sae ... --scheduler ADDRESS` against that
 scheduler, exactly as on Kubernetes (infra/dask-kubernetes.yaml). Every training run is one Dask task on one
-worker; training writes under the current directory, so start this from a directory on the shared filesystem.
+worker, and each worker writes its training run under `--out`, so that must be on the shared filesystem.
 S3 credentials reach the workers as the usual AWS_* variables (sbatch exports the submitting environment by
 default, so nothing secret is written into the job scripts) or through ~/.aws on the shared home.
 """
@@ -23,11 +23,12 @@ import sys
 from typing import Any
 
 
-def actstore_commands(store: str, hook: str, scheduler: str) -> list[list[str]]:
+def actstore_commands(store: str, hook: str, scheduler: str, out: str = "actstore-results") -> list[list[str]]:
     """The analysis commands run against the SLURM-hosted scheduler, in order."""
     return [
-        ["actstore", "spectra", store, "--hook", hook, "--scheduler", scheduler],
-        ["actstore", "train", "sae", "--store", store, "--hook", hook, "--scheduler", scheduler],
+        ["actstore", "spectra", store, "--hook", hook, "--scheduler", scheduler, "--out", f"{out}/spectra"],
+        ["actstore", "train", "sae", "--store", store, "--hook", hook, "--scheduler", scheduler,
+         "--out", f"{out}/saes"],
     ]
 
 
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="store URL (shared path or s3://)")
     p.add_argument("--hook", required=True, help="hook to analyse, e.g. blocks.6.hook_resid_post")
+    p.add_argument("--out", default=os.path.abspath("actstore-results"),
+                   help="results directory on the shared filesystem (workers write training runs there)")
     p.add_argument("--jobs", type=int, default=2, help="SLURM jobs, one Dask worker each")
     p.add_argument("--partition", default=None, help="SLURM partition (queue)")
     p.add_argument("--account", default=None, help="SLURM account to charge")
@@ -52,15 +55,16 @@ def cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SLURMCluster arguments: one single-process worker per job, torch threads = the job's cores."""
     prologue = [f"source {shlex.quote(os.path.join(args.venv, 'bin', 'activate'))}",
                 f"export ACTSTORE_TASK_THREADS={args.cores}"]
-    return dict(
-        queue=args.partition, account=args.account, cores=args.cores, processes=1, memory=args.memory,
-        walltime=args.walltime, interface=args.interface, job_name="actstore-dask",
-        job_extra_directives=[f"--gres=gpu:{args.gpus_per_job}"] if args.gpus_per_job else [],
-        job_script_prologue=prologue,
-        worker_extra_args=["--nthreads", "1"],  # one task (one training run) per worker and GPU at a time
-        local_directory="${TMPDIR:-/tmp}", log_directory="dask-slurm-logs",
-        scheduler_options={"dashboard_address": ":8787"},
-    )
+    return {
+        "queue": args.partition, "account": args.account, "cores": args.cores, "processes": 1,
+        "memory": args.memory, "walltime": args.walltime, "interface": args.interface, "job_name": "actstore-dask",
+        "job_extra_directives": [f"--gres=gpu:{args.gpus_per_job}"] if args.gpus_per_job else [],
+        "job_script_prologue": prologue,
+        # one task (one training run) per worker, and so per GPU, at a time; torch uses the job's cores
+        "worker_extra_args": ["--nthreads", "1"],
+        "local_directory": "${TMPDIR:-/tmp}", "log_directory": "dask-slurm-logs",
+        "scheduler_options": {"dashboard_address": ":8787"},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from dask_jobqueue import SLURMCluster
 
     with SLURMCluster(**cluster_kwargs(args)) as cluster:
-        commands = actstore_commands(args.store, args.hook, cluster.scheduler_address)
+        commands = actstore_commands(args.store, args.hook, cluster.scheduler_address, args.out)
         if args.dry_run:
             print(cluster.job_script())
             print("\n".join(shlex.join(c) for c in commands))

@@ -90,7 +90,9 @@ class Store:
     def read_rows(self, hook: str, shard_index: int, start: int, stop: int) -> np.ndarray:
         """Decoded rows [start, stop) of one shard (numpy)."""
         h = self.manifest.hook(hook)
-        return decode(self._cached_array(shard_index, hook)[start:stop], h.dtype)
+        arr = self._cached_array(shard_index, hook)
+        return decode(storage.with_retries(lambda: arr[start:stop], f"reading {hook} rows of shard {shard_index}"),
+                      h.dtype)
 
     @functools.lru_cache(maxsize=4096)
     def _cached_array(self, shard_index: int, hook: str) -> zarr.Array:
@@ -99,8 +101,9 @@ class Store:
     # ---- tables ---------------------------------------------------------------------------------------------
     def shard_tokens(self, shard_index: int) -> pa.Table:
         info = self.manifest.shards[shard_index]
-        with self.fs.open(storage.join(shard_path(self.root, info.id), "tokens.parquet"), "rb") as f:
-            return pq.read_table(f)
+        path = storage.join(shard_path(self.root, info.id), "tokens.parquet")
+        raw = storage.with_retries(lambda: self.fs.cat_file(path), f"reading {path}")
+        return pq.read_table(pa.BufferReader(raw))
 
     def tokens(self) -> pa.Table:
         """Token index: token_id, doc_id, seq_id, position, special — one row per stored token, in row order."""

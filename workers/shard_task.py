@@ -14,6 +14,7 @@ from actstore.schemas.manifest import ShardInfo
 from actstore.workers.dtypes import FLOAT16_MAX, NUMPY_STORED, Float16OverflowError
 from actstore.workers.runner import ModelRunner
 from actstore.workers.shard_writer import ArraySpec, write_shard
+from actstore.workers.storage import with_retries
 from actstore.workers.tokenize import ShardPlan
 
 
@@ -57,7 +58,11 @@ def run_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root:
         "seq_start": plan.seq_start, "seq_end": plan.seq_start + len(plan.sequences),
         "token_start": plan.token_start, "token_end": plan.token_start + n,
     }
-    return write_shard(fs, root, plan.shard_id, meta, plan.tokens_table(), arrays, specs, opts.compression, overflow)
+    tokens = plan.tokens_table()
+    return with_retries(
+        lambda: write_shard(fs, root, plan.shard_id, meta, tokens, arrays, specs, opts.compression, overflow),
+        f"writing shard {plan.shard_id}",
+    )
 
 
 def _check_overflow(overflow: dict[str, int], opts: TaskOptions, shard_id: str) -> None:

@@ -232,7 +232,10 @@ def tracy_widom_scale(sigma2: float, n_samples: int, d: int) -> float:
 def _nonzero_part(eigenvalues: np.ndarray, n_samples: int, d: int) -> np.ndarray:
     """The min(d, n) largest eigenvalues, descending, clipped at 0: those the MP continuous part describes."""
     eig = np.sort(np.asarray(eigenvalues, np.float64))[::-1]
-    return np.clip(eig[: min(d, n_samples)], 0.0, None)
+    eig = np.clip(eig[: min(d, n_samples)], 0.0, None)
+    # Structural zeros (e.g. the direction a LayerNorm removes) are rank deficiency, not noise: left in,
+    # the σ² iteration collapses onto them.
+    return eig[eig > 1e-10 * eig[0]] if eig.size and eig[0] > 0 else eig
 
 
 def mp_fit(

@@ -5,6 +5,7 @@ Credentials live only in the `storage_options` passed here; nothing in this modu
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 import warnings
@@ -79,3 +80,44 @@ def put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     fs.pipe_file(path, data)
+
+
+class StorageError(OSError):
+    """A storage operation failed permanently (or kept failing); the message names the operation and cause."""
+
+
+_TRANSIENT_ERRNO = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EINTR}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: network hiccups and throttling, not missing files, permissions or a full disk."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+        return True
+    name = type(exc).__name__
+    return name in {"ClientConnectionError", "ServerTimeoutError", "EndpointConnectionError", "ReadTimeoutError",
+                    "SlowDown", "ThrottlingException"} or (exc.__cause__ is not None and is_transient(exc.__cause__))
+
+
+def with_retries(fn, what: str, attempts: int = 6, base_delay: float = 0.1, max_delay: float = 5.0):
+    """Call fn(); retry transient errors with exponential backoff and jitter, fail permanent ones at once.
+
+    Only idempotent operations go through here (a shard rewrite produces the same bytes), so retrying a
+    partially done attempt is safe.
+    """
+    import random
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # classify, then re-raise with a one-line cause
+            if not is_transient(e):
+                if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                    raise StorageError(errno.ENOSPC, f"{what}: no space left on the output device") from e
+                raise
+            if attempt == attempts - 1:
+                raise StorageError(f"{what}: still failing after {attempts} attempts: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}") from e
+            time.sleep(min(max_delay, base_delay * 2**attempt) * (0.5 + random.random()))

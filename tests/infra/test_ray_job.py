@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from models import build_tiny, corpus_texts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -85,20 +84,20 @@ def _start_cmd(temp_dir: Path) -> tuple[list[str], int]:
     return cmd, dash
 
 
-def _wait_dashboard(head: Head) -> None:
-    """Poll the Jobs API until it answers (authenticated), or fail with the head's log."""
+def _wait_dashboard(head: Head) -> str | None:
+    """Poll the Jobs API until it answers (authenticated); None when up, else why not."""
     deadline = time.monotonic() + START_TIMEOUT_S
     last = ""
     while time.monotonic() < deadline:
         if head.proc.poll() is not None:
-            pytest.fail(f"`ray start` exited with {head.proc.returncode}:\n{head.log.read_text()[-4000:]}")
+            return f"`ray start` exited with {head.proc.returncode}:\n{head.log.read_text()[-4000:]}"
         try:
             _get(head, "/api/jobs/")
-            return
+            return None
         except Exception as e:  # noqa: BLE001 - any failure means "not up yet"
             last = repr(e)
         time.sleep(1.0)
-    pytest.fail(f"Ray dashboard did not come up in {START_TIMEOUT_S}s ({last}):\n{head.log.read_text()[-4000:]}")
+    return f"Ray dashboard did not come up in {START_TIMEOUT_S}s ({last}):\n{head.log.read_text()[-4000:]}"
 
 
 def _get(head: Head, path: str) -> dict:
@@ -140,6 +139,15 @@ def _stop_head(head: Head) -> None:
             pass
 
 
+def _start_head(temp_dir: Path, token_file: Path, token: str, attempt: int) -> Head:
+    cmd, dash = _start_cmd(temp_dir / f"r{attempt}")
+    log = temp_dir / f"ray-start-{attempt}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=_head_env(token_file), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=temp_dir)
+    return Head(proc, f"http://127.0.0.1:{dash}", token, log)
+
+
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[Head]:
     # Unix socket paths under the temp dir must stay short (AF_UNIX limit of 107 bytes): use /tmp directly.
@@ -148,17 +156,20 @@ def ray_head() -> Iterator[Head]:
     token_file = temp_dir / "auth_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    cmd, dash = _start_cmd(temp_dir / "r")
-    log = temp_dir / "ray-start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=_head_env(token_file), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=temp_dir)
-    head = Head(proc, f"http://127.0.0.1:{dash}", token, log)
+    heads: list[Head] = []
     try:
-        _wait_dashboard(head)
-        yield head
+        for attempt in range(2):  # a second try covers a free port taken by someone else in the meantime
+            heads.append(_start_head(temp_dir, token_file, token, attempt))
+            problem = _wait_dashboard(heads[-1])
+            if problem is None:
+                break
+            _stop_head(heads[-1])
+        else:
+            pytest.fail(problem)
+        yield heads[-1]
     finally:
-        _stop_head(head)
+        for head in heads:
+            _stop_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -203,6 +214,7 @@ def test_extract_as_ray_job(ray_head: Head, tmp_path: Path) -> None:
     entrypoint = f"actstore extract {shlex.quote(str(cfg))} --json"
     job_id = client.submit_job(entrypoint=entrypoint)
     logs = _wait_job(client, job_id)
+    print(logs)
 
     # the driver joined the head (RAY_ADDRESS), it did not start a private Ray of its own
     summary = json.loads(logs[logs.index("{"):logs.rindex("}") + 1])
