@@ -21,6 +21,7 @@ from actstore.workers.dtypes import NUMPY_STORED
 from actstore.workers.hookmap import n_layers_of
 from actstore.workers.shard_writer import read_commit, read_stats, shard_path
 from actstore.workers.stats import HookStats
+from actstore.workers.storage import with_retries
 
 from actstore.pipeline.output import MANIFEST, RUN_RECORD
 
@@ -52,21 +53,22 @@ def merged_stats(fs, root: str, shard_ids: list[str], hooks: list[str]) -> dict[
     """Merge shard statistics in shard order (deterministic)."""
     total: dict[str, HookStats] = {}
     for sid in shard_ids:
-        for h, st in read_stats(fs, root, sid, hooks).items():
+        for h, st in with_retries(lambda: read_stats(fs, root, sid, hooks), f"reading stats of {sid}").items():
             total[h] = total[h].merge(st) if h in total else st
     return total
 
 
 def write_stats(fs, root: str, stats: dict[str, HookStats]) -> None:
     for h, st in stats.items():
-        storage.put(fs, storage.join(root, "stats", h, "stats.safetensors"),
-                     st_save(st.to_tensors(""), metadata={"actstore": json.dumps({"format": "actstore-stats-v1", "hook": h})}))
+        blob = st_save(st.to_tensors(""), metadata={"actstore": json.dumps({"format": "actstore-stats-v1", "hook": h})})
+        path = storage.join(root, "stats", h, "stats.safetensors")
+        with_retries(lambda: storage.put(fs, path, blob), f"writing {path}")
 
 
 def write_docs(fs, root: str, docs: pa.Table) -> None:
     buf = io.BytesIO()
     pq.write_table(docs, buf, compression="zstd")
-    storage.put_atomic(fs, storage.join(root, "docs.parquet"), buf.getvalue())
+    with_retries(lambda: storage.put_atomic(fs, storage.join(root, "docs.parquet"), buf.getvalue()), "writing docs.parquet")
 
 
 def kind_of(hook: str) -> str | None:
@@ -75,7 +77,7 @@ def kind_of(hook: str) -> str | None:
 
 def commit_manifest(fs, root: str, manifest: Manifest) -> None:
     """Write manifest.json (the store's commit record) and drop the run's scratch state."""
-    storage.put_atomic(fs, storage.join(root, MANIFEST), manifest.to_json())
+    with_retries(lambda: storage.put_atomic(fs, storage.join(root, MANIFEST), manifest.to_json()), "writing manifest.json")
     for leftover in (storage.join(root, RUN_RECORD), storage.join(root, "shards", ".tmp")):
         if fs.exists(leftover):
             fs.rm(leftover, recursive=True)
@@ -83,7 +85,8 @@ def commit_manifest(fs, root: str, manifest: Manifest) -> None:
 
 def finalize_extract(cfg: ExtractConfig, plan: Any, model_cfg: Any, tok: Any, fs, root: str) -> Manifest:
     """Check every planned shard is committed as planned, then write docs, stats and the manifest."""
-    infos = [_checked(read_commit(fs, root, p.shard_id), p) for p in plan.shards]
+    infos = [_checked(with_retries(lambda p=p: read_commit(fs, root, p.shard_id), f"reading shard {p.shard_id}"), p)
+             for p in plan.shards]
     hooks = list(cfg.hooks)
     stats = merged_stats(fs, root, [i.id for i in infos], hooks)
     write_docs(fs, root, plan.docs)

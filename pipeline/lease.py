@@ -1,8 +1,9 @@
 """Single-writer lease on an output: `lease.json` with an owner id and a heartbeat.
 
 A second extract on the same output is refused while the lease's heartbeat is fresh. A writer that died
-leaves a stale lease (no heartbeat for `stale_after` seconds, default 60): the next run takes it over. To take
-over sooner, delete `<output>/lease.json` by hand — only when you are sure the other run is gone.
+leaves a stale lease (no heartbeat for `stale_after` seconds, default 60): the next run takes it over; a holder
+on the same host whose process no longer exists is taken over at once. To take over sooner in other cases,
+delete `<output>/lease.json` by hand — only when you are sure the other run is gone.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class LeaseError(RuntimeError):
 class Lease:
     """Context manager: acquire on enter, heartbeat in a daemon thread, release on exit."""
 
-    def __init__(self, fs, root: str, url: str, stale_after: float = 60.0, beat: float = 5.0) -> None:
-        self.fs, self.path, self.url = fs, storage.join(root, LEASE), url
+    def __init__(self, fs, root: str, url: str, stale_after: float = 60.0, beat: float = 5.0,
+                 what: str = "extract") -> None:
+        self.fs, self.path, self.url, self.what = fs, storage.join(root, LEASE), url, what
         self.stale_after, self.beat = stale_after, beat
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
@@ -43,16 +45,32 @@ class Lease:
         except (FileNotFoundError, ValueError, OSError):
             return None
 
+    def _alive(self, cur: dict) -> bool:
+        """A holder is alive while its heartbeat is fresh, unless it is a process of this host that is gone."""
+        if time.time() - float(cur.get("heartbeat", 0)) >= self.stale_after:
+            return False
+        host, _, rest = str(cur.get("owner", "")).partition(":")
+        pid = rest.partition(":")[0]
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return False  # killed (e.g. SIGKILL) without releasing: take over at once
+            except PermissionError:
+                pass
+        return True
+
     def __enter__(self) -> "Lease":
         cur = self._current()
-        if cur and cur.get("owner") != self.owner and time.time() - float(cur.get("heartbeat", 0)) < self.stale_after:
-            raise LeaseError(f"output {self.url!r} is being written by another extract ({cur.get('owner')}); "
+        if cur and cur.get("owner") != self.owner and self._alive(cur):
+            raise LeaseError(f"output {self.url!r} is being written by another {self.what} ({cur.get('owner')}); "
                              f"wait for it, or if it died, retry after {self.stale_after:.0f}s without heartbeat")
+        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         storage.put_atomic(self.fs, self.path, self._record())
         time.sleep(min(0.2, self.beat))  # last writer wins on a race: check we are that writer
         cur = self._current()
         if not cur or cur.get("owner") != self.owner:
-            raise LeaseError(f"output {self.url!r} was claimed by another extract ({cur and cur.get('owner')})")
+            raise LeaseError(f"output {self.url!r} was claimed by another {self.what} ({cur and cur.get('owner')})")
         self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="actstore-lease")
         self._thread.start()
         return self

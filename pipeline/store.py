@@ -24,6 +24,11 @@ from actstore.workers.stats import HookStats
 from actstore.pipeline.output import MANIFEST, RUN_RECORD
 
 
+def _retrying_getitem(arr: Any, key: Any) -> np.ndarray:
+    """dask getter: chunk reads retry transient storage errors (object stores hiccup)."""
+    return storage.with_retries(lambda: np.asarray(arr[key]), "reading a chunk")
+
+
 class StoreError(ValueError):
     """The store cannot be opened or read as asked; the message says what is missing."""
 
@@ -80,8 +85,10 @@ class Store:
     def activations(self, hook: str) -> da.Array:
         """Lazy (n_tokens, d) dask array of the hook; bfloat16 is decoded to float32."""
         h = self.manifest.hook(hook)
-        parts = [da.from_array(self.shard_array(i, hook), chunks=self.shard_array(i, hook).chunks, asarray=True)
-                 for i in range(len(self.manifest.shards))]
+        parts = []
+        for i in range(len(self.manifest.shards)):
+            arr = self.shard_array(i, hook)
+            parts.append(da.from_array(arr, chunks=arr.chunks, asarray=True, getitem=_retrying_getitem))
         arr = da.concatenate(parts, axis=0) if parts else da.zeros((0, h.d), NUMPY_STORED[h.dtype])
         if h.dtype == "bfloat16":
             arr = arr.map_blocks(decode, "bfloat16", dtype=np.float32)

@@ -9,6 +9,7 @@ checkpoints under `<out>/checkpoints` so a restarted task resumes where it stopp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -76,16 +77,33 @@ def _fit(store: Any, hooks: list[str], sae_kw: dict, train_kw: dict, out_dir: st
     dims = [store.manifest.hook(h).d for h in hooks]
     scfg = SAEConfig(d_in=dims[0], d_out=dims[-1], transcoder=paired, **sae_kw)
     ckpt = os.path.join(out_dir, "checkpoints") if out_dir else None
-    res = train(stream(store, hooks, 8192, tcfg.seed, (0, cut), buffer_rows, paired), scfg, tcfg, ckpt, progress)
+    with _out_lease(out_dir):
+        res = train(stream(store, hooks, 8192, tcfg.seed, (0, cut), buffer_rows, paired), scfg, tcfg, ckpt, progress)
+        _evaluate(store, hooks, res, cut, eval_model, n_eval_seqs)
+        if out_dir:
+            _save(store, hooks, res, out_dir)
+    return res
+
+
+def _out_lease(out_dir: str | None) -> Any:
+    """One training job per output directory (a second one is refused while the first heartbeats)."""
+    if not out_dir:
+        return contextlib.nullcontext()
+    import fsspec
+
+    from actstore.pipeline.lease import Lease
+
+    return Lease(fsspec.filesystem("file"), os.path.abspath(out_dir), out_dir, what="training job")
+
+
+def _evaluate(store: Any, hooks: list[str], res: TrainResult, cut: int, eval_model: str | None, n_eval_seqs: int) -> None:
+    paired = len(hooks) == 2
     held = ActivationLoader(store, hooks if paired else hooks[0], 8192, shuffle=False, skip_special=True,
                             rows=(cut, store.n_tokens))
     batches = ((b[hooks[0]], b[hooks[1]]) for b in held) if paired else held
     res.metrics.update(evaluate(res.sae, batches))
     res.metrics["eval_tokens_from_row"] = cut
     _spliced_metrics(store, hooks, res, cut, eval_model, n_eval_seqs)
-    if out_dir:
-        _save(store, hooks, res, out_dir)
-    return res
 
 
 def _spliced_metrics(store: Any, hooks: list[str], res: TrainResult, cut: int, model: str | None, n: int) -> None:

@@ -57,7 +57,7 @@ def _check_ranges(man, rep: VerifyReport) -> None:
 def _check_tokens(store, info, rep: VerifyReport) -> None:
     path = storage.join(shard_path(store.root, info.id), "tokens.parquet")
     try:
-        raw = store.fs.cat_file(path)
+        raw = storage.with_retries(lambda: store.fs.cat_file(path), f"reading {path}")
     except (FileNotFoundError, OSError):
         rep.problems.append(f"shard {info.id}: tokens.parquet is missing")
         return
@@ -70,7 +70,8 @@ def _check_array(store, i: int, info, h, rep: VerifyReport) -> None:
     rep.arrays_checked += 1
     try:
         arr = store.shard_array(i, h.name)
-        data = np.asarray(arr[:]) if info.n_tokens else np.zeros((0, h.d), NUMPY_STORED[h.dtype])
+        data = (storage.with_retries(lambda: np.asarray(arr[:]), f"reading shard {info.id}") if info.n_tokens
+                else np.zeros((0, h.d), NUMPY_STORED[h.dtype]))
     except Exception as e:  # a missing shard, a corrupt chunk or a shape mismatch: report, don't raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         rep.problems.append(f"shard {info.id}: array {h.name!r} unreadable: {msg}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from models import build_tiny, corpus_texts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -150,6 +152,9 @@ def _start_head(temp_dir: Path, token_file: Path, token: str, attempt: int) -> H
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[Head]:
+    missing = [b for b in ("ray", "actstore") if not (VENV_BIN / b).exists()]
+    if missing:
+        pytest.skip(f"{missing} not installed next to {sys.executable} (needs ray[default] and actstore)")
     # Unix socket paths under the temp dir must stay short (AF_UNIX limit of 107 bytes): use /tmp directly.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayjob-", dir="/tmp"))
     token = secrets.token_hex(32)
@@ -182,8 +187,6 @@ def _write_config(tmp: Path) -> tuple[Path, Path]:
     cfg = {"model": model, "corpus": str(corpus), "hooks": HOOKS, "context_length": 32, "shard_tokens": 256,
            "batch_size": 4, "dtype": "float32", "executor": "ray", "output": str(out), "progress": False}
     path = tmp / "cfg.yaml"
-    import yaml
-
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path, out
 
@@ -204,6 +207,13 @@ def _wait_job(client, job_id: str) -> str:
     return client.get_job_logs(job_id)
 
 
+def _json_summary(logs: str) -> dict:
+    """The `--json` summary: the last top-level JSON object in the job's output (Ray logs come before it)."""
+    start = [m.start() for m in re.finditer(r"^\{$", logs, flags=re.MULTILINE)]
+    assert start, f"no JSON summary in the job output:\n{logs[-4000:]}"
+    return json.loads(logs[start[-1]:logs.rindex("}") + 1])
+
+
 def test_extract_as_ray_job(ray_head: Head, tmp_path: Path) -> None:
     from ray.job_submission import JobSubmissionClient
 
@@ -214,10 +224,8 @@ def test_extract_as_ray_job(ray_head: Head, tmp_path: Path) -> None:
     entrypoint = f"actstore extract {shlex.quote(str(cfg))} --json"
     job_id = client.submit_job(entrypoint=entrypoint)
     logs = _wait_job(client, job_id)
-    print(logs)
 
-    # the driver joined the head (RAY_ADDRESS), it did not start a private Ray of its own
-    summary = json.loads(logs[logs.index("{"):logs.rindex("}") + 1])
+    summary = _json_summary(logs)
     assert summary["n_tokens"] > 0 and summary["hooks"] == HOOKS
     store = actstore.open_store(str(out))
     report = store.verify()
