@@ -47,7 +47,8 @@ class ShardActor:
         from actstore.pipeline.local_executor import make_runner, task_options
         from actstore.workers import storage
 
-        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS from num_cpus; we size torch explicitly
+        # Ray sets OMP_NUM_THREADS from num_cpus; size torch explicitly, never above this node's cores
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         self.cfg = ExtractConfig.model_validate(cfg)
         self.runner = make_runner(self.cfg, pad_id)
         self.opts = task_options(self.cfg)
@@ -84,8 +85,9 @@ def pool_shape(cfg: ExtractConfig) -> tuple[int, dict[str, float], int]:
     """(actors, per-actor resources, torch threads per actor) for this cluster."""
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), max(1, int(res.get("CPU", 1)))
-    if gpus and cfg.device in ("auto", "cuda"):
-        n = cfg.num_workers or gpus
+    if cfg.device.startswith("cuda") or (gpus and cfg.device == "auto"):
+        # An explicit cuda device asks for GPU actors even when none is up yet (an autoscaler adds them).
+        n = cfg.num_workers or max(1, gpus)
         return n, {"num_gpus": 1, "num_cpus": 1}, max(1, cpus // n)
     n = cfg.num_workers or 1
     return n, {"num_cpus": 0.5}, max(1, cpus // n)

@@ -73,7 +73,9 @@ class Store:
         info, h = self.manifest.shards[shard_index], self.manifest.hook(hook)
         path = storage.join(shard_path(self.root, info.id), "acts.zarr")
         try:
-            arr = zarr.open_array(storage.zarr_store(self.fs, path, read_only=True), path=hook, mode="r")
+            arr = storage.with_retries(
+                lambda: zarr.open_array(storage.zarr_store(self.fs, path, read_only=True), path=hook, mode="r"),
+                f"opening {hook} of shard {info.id}")
         except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError) as e:
             raise StoreError(f"shard {info.id}: array {hook!r} is missing ({type(e).__name__})") from None
         want = (info.n_tokens, h.d)
@@ -141,6 +143,26 @@ class Store:
         from actstore.pipeline.loader import ActivationLoader
 
         return iter(ActivationLoader(self, hooks, batch_size, shuffle=shuffle, seed=seed, **kwargs))
+
+    # ---- other tools (actstore.pipeline.adapters) ----------------------------------------------------------
+    def torch_dataset(self, hooks: str | list[str], kind: str = "map", seed: int = 0, epoch: int = 0,
+                      **kwargs: Any) -> Any:
+        """torch Dataset: kind="map" (ActivationDataset) or "iterable" (GlobalShuffleIterable, seeded global shuffle)."""
+        from actstore.pipeline.adapters import torch_dataset
+
+        return torch_dataset(self, hooks, kind=kind, seed=seed, epoch=epoch, **kwargs)
+
+    def to_hf_dataset(self, hook: str, **kwargs: Any) -> Any:
+        """Hugging Face `datasets.Dataset` with an `activations` column and the token index columns."""
+        from actstore.pipeline.adapters import to_hf_dataset
+
+        return to_hf_dataset(self, hook, **kwargs)
+
+    def to_xarray(self, hooks: list[str] | None = None) -> Any:
+        """Lazy `xarray.Dataset` with dims (token, d_<hook>) and token-index coordinates."""
+        from actstore.pipeline.adapters import to_xarray
+
+        return to_xarray(self, hooks)
 
     def verify(self) -> "Any":
         """Re-read every shard and check shapes, checksums and the manifest; returns a VerifyReport."""

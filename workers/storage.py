@@ -100,7 +100,7 @@ def is_transient(exc: BaseException) -> bool:
                     "SlowDown", "ThrottlingException"} or (exc.__cause__ is not None and is_transient(exc.__cause__))
 
 
-def with_retries(fn, what: str, attempts: int = 6, base_delay: float = 0.1, max_delay: float = 5.0):
+def with_retries(fn, what: str, attempts: int = 8, base_delay: float = 0.1, max_delay: float = 5.0):
     """Call fn(); retry transient errors with exponential backoff and jitter, fail permanent ones at once.
 
     Only idempotent operations go through here (a shard rewrite produces the same bytes), so retrying a

@@ -1,0 +1,308 @@
+"""`actstore plan`: what an extraction will cost before it runs — tokens, bytes, objects, time, disk.
+
+The numbers come from the same code as the run itself, not from rules of thumb:
+
+- tokens and shards: `make_plan`, i.e. the corpus is read and tokenized exactly as `extract` does;
+- hook widths: `ModelRunner.hook_dims()` (one 2-token forward) when the model is loaded for calibration,
+  otherwise the model config (d_model / d_mlp), falling back to loading the model for `module:` hooks;
+- bytes: every file the writer produces, sized with the writer's own rules — activation chunks from
+  `chunk_rows` including the padding of edge chunks (Zarr stores them full size), Zarr metadata by creating
+  the same arrays in memory, tokens.parquet by encoding the planned token index (up to 64 shards, then scaled
+  per token), the statistics files, shard.json, docs.parquet and manifest.json by building them with
+  placeholder values. With `compression: zstd` the activation bytes are an upper bound;
+- time: tokens/s of a short calibration (a warm-up batch, then a few timed batches of the run's batch size
+  through `ModelRunner.run`, i.e. forward + storage conversion) on this machine, times `gpus` (or the
+  configured num_workers) assuming one model worker per GPU. Writes are not timed;
+- disk: `shutil.disk_usage` of the output (local outputs only; object stores report no capacity): the plan is
+  `ok: False` with a reason when the free space is below the bytes still to write.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from actstore.schemas.config import ExtractConfig
+from actstore.schemas.hooks import parse_hooks
+from actstore.schemas.manifest import CorpusInfo, HookInfo, Manifest, ShardInfo
+from actstore.workers import storage
+from actstore.workers.dtypes import NUMPY_STORED
+from actstore.workers.shard_writer import ArraySpec, _codecs, _parquet_bytes, _stats_bytes, chunk_rows
+from actstore.workers.stats import HookStats
+
+from actstore.pipeline.extract import preflight
+from actstore.pipeline.finalize import _model_info, _tokenizer_info, kind_of, library_versions
+from actstore.pipeline.plan import Plan, make_plan
+
+PARQUET_SAMPLE_SHARDS = 64  # token index files encoded exactly; beyond this, scaled per token
+S3_PUTS_PER_PREFIX = 3500  # S3's documented PUT rate per prefix
+
+
+def plan(config: ExtractConfig | dict | str | Path, gpus: int | None = None, calibrate: bool = True,
+         overrides: list[str] | None = None, calibration_batches: int = 3) -> dict[str, Any]:
+    """Estimate an extraction (see the module docstring); `ok` is False with a `reason` when it cannot fit."""
+    cfg = ExtractConfig.build(config, overrides)
+    fs, root = storage.get_fs(cfg.output, cfg.storage_options)
+    model_cfg, tok = preflight(cfg, fs, root)  # the run's own checks: hooks, context length, output state
+    p = make_plan(cfg, tok)
+    dims, calib = _dims_and_calibration(cfg, model_cfg, p, calibrate, calibration_batches)
+    sizes = estimate_bytes(cfg, p, dims, model_cfg, tok)
+    workers = gpus or cfg.num_workers or 1
+    tps = calib["tokens_per_s"] * workers if calib else None
+    wall = p.n_tokens / tps if tps else None
+    disk = _disk(fs, root, sizes["total_bytes"])
+    out = {
+        "ok": True, "reason": None, "model": cfg.model, "output": cfg.output,
+        "tokens": p.n_tokens, "sequences": p.n_sequences, "documents": p.docs.num_rows, **sizes,
+        "calibration": calib, "workers": workers, "tokens_per_s": tps, "wall_time_s": wall,
+        "s3": _s3_rates(sizes, wall), "disk": disk,
+    }
+    if disk["free_bytes"] is not None and disk["free_bytes"] < disk["required_bytes"]:
+        out["ok"] = False
+        out["reason"] = (f"output {cfg.output!r} has {_gb(disk['free_bytes'])} free but the store needs "
+                         f"{_gb(disk['required_bytes'])} more")
+    return out
+
+
+# ---- hook widths and throughput ----------------------------------------------------------------------------
+def config_dims(hooks: list[str], model_cfg: Any) -> dict[str, int] | None:
+    """Hook widths from the model config (d_model, or d_mlp for mlp.hook_post); None if a hook needs a forward."""
+    d_model = next((getattr(model_cfg, a) for a in ("hidden_size", "n_embd", "d_model")
+                    if isinstance(getattr(model_cfg, a, None), int)), None)
+    d_mlp = next((getattr(model_cfg, a) for a in ("intermediate_size", "n_inner", "d_ff")
+                  if isinstance(getattr(model_cfg, a, None), int)), None)
+    d_mlp = d_mlp or (4 * d_model if d_model else None)  # GPT-2 leaves n_inner unset: 4 * n_embd
+    out = {}
+    for spec in parse_hooks(hooks):
+        width = None if spec.is_module else d_mlp if spec.kind == "mlp.hook_post" else d_model
+        if width is None:
+            return None
+        out[spec.name] = width
+    return out
+
+
+def _dims_and_calibration(cfg: ExtractConfig, model_cfg: Any, p: Plan, calibrate: bool, n_batches: int,
+                          ) -> tuple[dict[str, int], dict[str, Any] | None]:
+    dims = None if calibrate else config_dims(list(cfg.hooks), model_cfg)
+    if dims is not None:
+        return dims, None
+    from actstore.pipeline.local_executor import make_runner
+
+    runner = make_runner(cfg, p.special.pad)  # the executors' own runner: same dtype, device and hooks
+    try:
+        dims = runner.hook_dims()
+        return dims, (calibration(runner, cfg, p, n_batches) if calibrate else None)
+    finally:
+        runner.close()
+
+
+def calibration(runner: Any, cfg: ExtractConfig, p: Plan, n_batches: int = 3) -> dict[str, Any]:
+    """Tokens/s of `n_batches` batches of the run's first sequences, after one untimed warm-up batch."""
+    seqs = []
+    for shard in p.shards:
+        seqs.extend(s.ids for s in shard.sequences)
+        if len(seqs) >= (n_batches + 1) * cfg.batch_size:
+            break
+    batches = [seqs[i:i + cfg.batch_size] for i in range(0, len(seqs), cfg.batch_size)]
+    runner.run(batches[0], cfg.dtype)  # warm-up: lazy init, allocator, CUDA context and kernels
+    timed = batches[1:n_batches + 1] or batches[:1]  # a tiny corpus: time the warm-up batch again
+    start = time.perf_counter()
+    for b in timed:
+        runner.run(b, cfg.dtype)  # returns numpy on the host, so device work is finished when it returns
+    seconds = time.perf_counter() - start
+    tokens = sum(len(s) for b in timed for s in b)
+    return {"device": str(runner.device), "batches": len(timed), "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+# ---- bytes and objects -------------------------------------------------------------------------------------
+def estimate_bytes(cfg: ExtractConfig, p: Plan, dims: dict[str, int], model_cfg: Any = None, tok: Any = None,
+                   ) -> dict[str, Any]:
+    """Bytes of every file the run writes, grouped per hook, token index and metadata; plus object counts."""
+    specs = [ArraySpec(h, dims[h], cfg.dtype) for h in cfg.hooks]
+    item = NUMPY_STORED[cfg.dtype].itemsize
+    hooks = {s.name: {"d": s.d, "dtype": cfg.dtype, "bytes": 0, "array_bytes": 0} for s in specs}
+    stats_shard = len(_stats_bytes(_one_token(), {s.name: np.zeros((1, s.d), NUMPY_STORED[s.dtype]) for s in specs},
+                                   specs, {}))
+    objects = 0
+    per_shard_objects = 0
+    for sp in p.shards:
+        n_objects = 4  # tokens.parquet, stats.safetensors, shard.json, acts.zarr/zarr.json (group)
+        for s in specs:
+            rows = chunk_rows(sp.n_tokens, s.d, item)
+            n_chunks = math.ceil(sp.n_tokens / rows) if sp.n_tokens else 0
+            data = n_chunks * rows * s.d * item  # edge chunks are stored full size
+            hooks[s.name]["array_bytes"] += data
+            hooks[s.name]["bytes"] += data + _zarr_meta(s, sp.n_tokens, rows, cfg.compression)
+            n_objects += 1 + n_chunks
+        objects += n_objects
+        per_shard_objects = max(per_shard_objects, n_objects)
+    for s in specs:  # the stats/<hook>/stats.safetensors file of the finished store
+        hooks[s.name]["bytes"] += _root_stats_bytes(s)
+    token_index = _token_index_bytes(p)
+    shard_meta = sum(len(_shard_json(sp)) for sp in p.shards) + len(p.shards) * (stats_shard + _group_meta())
+    root_meta = _docs_bytes(p) + _manifest_bytes(cfg, p, dims, model_cfg, tok)
+    objects += 2 + len(specs)  # manifest.json, docs.parquet, stats/<hook>/stats.safetensors
+    total = sum(h["bytes"] for h in hooks.values()) + token_index + shard_meta + root_meta
+    return {"hooks": hooks, "token_index_bytes": token_index, "metadata_bytes": shard_meta + root_meta,
+            "total_bytes": total, "shards": len(p.shards), "objects_per_shard": per_shard_objects,
+            "objects": objects, "bytes_are_upper_bound": cfg.compression != "none"}
+
+
+def _one_token() -> pa.Table:
+    return pa.table({"token_id": pa.array([0], pa.int32()), "doc_id": pa.array([0], pa.int64()),
+                     "seq_id": pa.array([0], pa.int64()), "position": pa.array([0], pa.int32()),
+                     "special": pa.array([False])})
+
+
+def _zarr_meta(spec: ArraySpec, n: int, rows: int, compression: str) -> int:
+    """Size of the array's zarr.json, made by creating the same array (no data) in memory."""
+    return _meta_sizes(spec.name, spec.d, spec.dtype, n, rows, compression)[f"{spec.name}/zarr.json"]
+
+
+def _group_meta() -> int:
+    return _meta_sizes("x", 1, "float32", 1, 1, "none")["zarr.json"]
+
+
+def _meta_sizes(name: str, d: int, dtype: str, n: int, rows: int, compression: str) -> dict[str, int]:
+    held: dict = {}
+    group = zarr.open_group(zarr.storage.MemoryStore(held), mode="w")
+    # same arguments as shard_writer._write_arrays
+    group.create_array(name, shape=(n, d), chunks=(rows, d), dtype=NUMPY_STORED[dtype],
+                       compressors=_codecs(compression), fill_value=0, dimension_names=("token", "d"),
+                       attributes={"actstore_dtype": dtype, "hook": name})
+    return {k: len(v.to_bytes()) for k, v in held.items()}
+
+
+def _token_index_bytes(p: Plan) -> int:
+    """tokens.parquet bytes: every shard's file encoded exactly, or an even sample scaled per token."""
+    n = len(p.shards)
+    picks = range(n) if n <= PARQUET_SAMPLE_SHARDS else np.linspace(0, n - 1, PARQUET_SAMPLE_SHARDS).astype(int)
+    sampled = [(len(_parquet_bytes(p.shards[i].tokens_table())), p.shards[i].n_tokens) for i in picks]
+    if n <= PARQUET_SAMPLE_SHARDS:
+        return sum(b for b, _ in sampled)
+    per_token = sum(b for b, _ in sampled) / max(1, sum(t for _, t in sampled))
+    return int(per_token * p.n_tokens)
+
+
+def _shard_json(sp: Any, arrays: dict[str, str] | None = None) -> bytes:
+    docs = [s.doc for s in sp.sequences if len(s.doc)]
+    info = _shard_info(sp, docs, arrays or {})
+    return (info.model_dump_json(indent=1) + "\n").encode()
+
+
+def _shard_info(sp: Any, docs: list[np.ndarray], arrays: dict[str, str]) -> ShardInfo:
+    return ShardInfo(id=sp.shard_id, seq_start=sp.seq_start, seq_end=sp.seq_start + len(sp.sequences),
+                     token_start=sp.token_start, token_end=sp.token_start + sp.n_tokens,
+                     doc_start=int(docs[0][0]) if docs else -1, doc_end=int(docs[-1][-1]) if docs else -1,
+                     n_tokens=sp.n_tokens, arrays=arrays, tokens_sha256="0" * 64)
+
+
+def _root_stats_bytes(spec: ArraySpec) -> int:
+    from safetensors.numpy import save as st_save
+
+    st = HookStats.from_rows(np.zeros((1, spec.d)))
+    meta = {"actstore": json.dumps({"format": "actstore-stats-v1", "hook": spec.name})}  # as finalize.write_stats
+    return len(st_save(st.to_tensors(""), metadata=meta))
+
+
+def _docs_bytes(p: Plan) -> int:
+    buf = io.BytesIO()
+    pq.write_table(p.docs, buf, compression="zstd")  # as finalize.write_docs
+    return len(buf.getvalue())
+
+
+def _manifest_bytes(cfg: ExtractConfig, p: Plan, dims: dict[str, int], model_cfg: Any, tok: Any) -> int:
+    """manifest.json built with the run's real fields and placeholder hashes and statistics."""
+    sums = {h: "0" * 64 for h in cfg.hooks}
+    shards = [_shard_info(sp, [s.doc for s in sp.sequences if len(s.doc)], sums) for sp in p.shards]
+    rng = np.random.default_rng(0)  # typical float lengths in the statistics summary
+    stats = {h: HookStats.from_rows(rng.standard_normal((4, dims[h]))).summary(kind_of(h)) for h in cfg.hooks}
+    man = Manifest(
+        created_by=library_versions().get("actstore", "0"), config_hash=cfg.config_hash(),
+        model=_model_info(cfg, model_cfg) if model_cfg is not None else None,
+        tokenizer=_tokenizer_info(tok, p.special) if tok is not None else None,
+        context_length=cfg.context_length, packing=cfg.packing,
+        hooks=[HookInfo(name=h, d=dims[h], dtype=cfg.dtype, stored_dtype=NUMPY_STORED[cfg.dtype].name)
+               for h in cfg.hooks],
+        n_tokens=p.n_tokens, n_sequences=p.n_sequences, n_docs=p.docs.num_rows,
+        corpus=CorpusInfo(sha256=p.corpus_sha256, n_docs=p.docs.num_rows), shards=shards,
+        extract_config=cfg.public_dict(), versions=library_versions(), stats=stats,
+    )
+    return len(man.to_json())
+
+
+# ---- rates and disk ----------------------------------------------------------------------------------------
+def _s3_rates(sizes: dict[str, Any], wall: float | None) -> dict[str, Any]:
+    """PUTs and bytes per second an object store must absorb at the expected throughput."""
+    if not wall:
+        return {"objects_per_s": None, "bytes_per_s": None, "note": "no throughput measured (calibrate=False)"}
+    rate = sizes["objects"] / wall
+    note = None
+    if rate > S3_PUTS_PER_PREFIX:
+        note = (f"{rate:.0f} PUT/s exceeds S3's {S3_PUTS_PER_PREFIX}/s per prefix; shards use separate "
+                "prefixes, but expect throttling (503 SlowDown) until S3 repartitions — raise shard_tokens")
+    return {"objects_per_s": rate, "bytes_per_s": sizes["total_bytes"] / wall, "note": note}
+
+
+def _disk(fs: Any, root: str, total: int) -> dict[str, Any]:
+    """Free bytes at a local output (None for object stores) and the bytes still to write there."""
+    if not storage.is_local(fs):
+        return {"path": root, "free_bytes": None, "required_bytes": total, "existing_bytes": 0}
+    existing = _du(root)  # a resumed run only writes what is missing
+    probe = root
+    while not os.path.exists(probe):  # the output may not exist yet: measure the filesystem it will be on
+        probe = os.path.dirname(probe) or "."
+    return {"path": root, "free_bytes": int(shutil.disk_usage(probe).free),
+            "required_bytes": max(0, total - existing), "existing_bytes": existing}
+
+
+def _du(root: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def format_plan(res: dict[str, Any]) -> str:
+    """Human-readable plan for the CLI."""
+    lines = [f"model        {res['model']}", f"output       {res['output']}",
+             f"tokens       {res['tokens']:,} in {res['sequences']:,} sequences from {res['documents']:,} documents",
+             f"shards       {res['shards']:,} ({res['objects_per_shard']} objects each, {res['objects']:,} in all)"]
+    for name, h in res["hooks"].items():
+        lines.append(f"  {name:34s} d={h['d']:<6d} {h['dtype']:8s} {_gb(h['bytes'])}")
+    bound = " (upper bound: compressed)" if res["bytes_are_upper_bound"] else ""
+    lines += [f"token index  {_gb(res['token_index_bytes'])}", f"metadata     {_gb(res['metadata_bytes'])}",
+              f"total        {_gb(res['total_bytes'])}{bound}"]
+    if res["calibration"]:
+        c = res["calibration"]
+        lines.append(f"throughput   {c['tokens_per_s']:,.0f} tok/s measured on {c['device']} x {res['workers']} "
+                     f"worker(s) = {res['tokens_per_s']:,.0f} tok/s")
+        lines.append(f"wall time    {_duration(res['wall_time_s'])}")
+        s3 = res["s3"]
+        lines.append(f"object store {s3['objects_per_s']:,.1f} PUT/s, {_gb(s3['bytes_per_s'])}/s"
+                     + (f" — {s3['note']}" if s3["note"] else ""))
+    d = res["disk"]
+    free = "unknown (object store)" if d["free_bytes"] is None else _gb(d["free_bytes"])
+    lines.append(f"disk         need {_gb(d['required_bytes'])}, free {free}")
+    lines.append("OK" if res["ok"] else f"NOT OK: {res['reason']}")
+    return "\n".join(lines)
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    h, rem = divmod(int(round(s)), 3600)
+    return f"{h}h {rem // 60:02d}m {rem % 60:02d}s" if h else f"{rem // 60}m {rem % 60:02d}s"
