@@ -288,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("actstore: interrupted (committed shards are kept; rerun to resume)", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
+    except Exception as e:  # every failure becomes one line; -v re-raises for the traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (ValueError, OSError, RuntimeError, KeyError)):
+            msg = f"{type(e).__name__}: {msg}"
         print(f"actstore: error: {msg}", file=sys.stderr)
         if args.verbose:
             raise

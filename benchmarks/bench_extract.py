@@ -293,3 +293,14 @@ def render(result: dict[str, Any]) -> str:
             parts.append(f"Ray: `ray.init` took {c['ray']['ray_init_s']:.1f} s (excluded); shard_tokens "
                          f"{c['ray']['shard_tokens']}; its end-to-end ratio includes the actor start and model load.")
     return "\n\n".join(parts)
+
+
+def headline(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    out = []
+    for c in result["cases"]:
+        short = c["case"].split(" (")[0]
+        for r in c["rows"] + c.get("ray", {}).get("rows", []):
+            if r["goal"] is not None:
+                out.append((f"{short}: {r['what']} ({r['dtype']}) vs {r['baseline']}", fmt_ratio(r["steady"]),
+                            f">= {r['goal']}x", goal_status(r["steady"], r["goal"])))
+    return out

@@ -151,7 +151,8 @@ def estimate_bytes(cfg: ExtractConfig, p: Plan, dims: dict[str, int], model_cfg:
     for s in specs:  # the stats/<hook>/stats.safetensors file of the finished store
         hooks[s.name]["bytes"] += _root_stats_bytes(s)
     token_index = _token_index_bytes(p)
-    shard_meta = sum(len(_shard_json(sp)) for sp in p.shards) + len(p.shards) * (stats_shard + _group_meta())
+    sums = {s.name: "0" * 64 for s in specs}  # shard.json records one SHA-256 per array
+    shard_meta = sum(len(_shard_json(sp, sums)) for sp in p.shards) + len(p.shards) * (stats_shard + _group_meta())
     root_meta = _docs_bytes(p) + _manifest_bytes(cfg, p, dims, model_cfg, tok)
     objects += 2 + len(specs)  # manifest.json, docs.parquet, stats/<hook>/stats.safetensors
     total = sum(h["bytes"] for h in hooks.values()) + token_index + shard_meta + root_meta
@@ -196,10 +197,9 @@ def _token_index_bytes(p: Plan) -> int:
     return int(per_token * p.n_tokens)
 
 
-def _shard_json(sp: Any, arrays: dict[str, str] | None = None) -> bytes:
-    docs = [s.doc for s in sp.sequences if len(s.doc)]
-    info = _shard_info(sp, docs, arrays or {})
-    return (info.model_dump_json(indent=1) + "\n").encode()
+def _shard_json(sp: Any, arrays: dict[str, str]) -> bytes:
+    info = _shard_info(sp, [s.doc for s in sp.sequences if len(s.doc)], arrays)
+    return (info.model_dump_json(indent=1) + "\n").encode()  # as shard_writer._commit
 
 
 def _shard_info(sp: Any, docs: list[np.ndarray], arrays: dict[str, str]) -> ShardInfo:
