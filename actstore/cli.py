@@ -138,6 +138,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from actstore.pipeline.export import export_slice, parse_rows
+    from actstore.pipeline.store import open_store
+
+    store = open_store(args.url, _storage_options(args))
+    info = export_slice(store, args.hook, parse_rows(args.rows, store.n_tokens), args.format, args.out)
+    _print(info if args.json else (
+        f"wrote {info['path']}: rows {info['rows'][0]}:{info['rows'][1]} of {info['hook']} "
+        f"({info['shape'][0]} x {info['shape'][1]} {info['dtype']}, {info['bytes'] / 1e6:.1f} MB)"), args.json)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from actstore.pipeline.planner import format_plan, plan
+
+    res = plan(args.config, gpus=args.gpus, calibrate=not args.no_calibrate, overrides=args.set)
+    _print(res if args.json else format_plan(res), args.json)
+    if not res["ok"]:
+        print(f"actstore: error: {res['reason']}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from actstore.pipeline.demo import run_demo
 
@@ -265,6 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--storage-options", help="fsspec options as JSON")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(fn=_report)
+
+    x = add("export", help="write a row slice of one hook to .npy, .safetensors or Parquet")
+    x.add_argument("url", help="store path or URL")
+    x.add_argument("--hook", required=True, help="hook to export")
+    x.add_argument("--rows", default=":", metavar="A:B",
+                   help="global rows A:B, Python slice rules (default: all; negative start: --rows=-100:)")
+    x.add_argument("--format", choices=["npy", "safetensors", "parquet"], default="npy")
+    x.add_argument("-o", "--out", required=True, help="output file")
+    x.add_argument("--storage-options", help="fsspec options as JSON")
+    x.add_argument("--json", action="store_true", help="print JSON")
+    x.set_defaults(fn=_export)
+
+    pl = add("plan", help="estimate tokens, bytes, shards, object-store rates, wall time and disk before extracting")
+    pl.add_argument("config", help="YAML config (the same file `extract` takes)")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    pl.add_argument("--gpus", type=int, help="GPUs (one model worker each) the run will use; scales the measured tokens/s")
+    pl.add_argument("--no-calibrate", action="store_true", help="skip the timed calibration forward (no wall time)")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.set_defaults(fn=_plan)
 
     d = add("demo", help="offline end-to-end demo on MiniLM-L6 and the stdlib pydoc corpus")
     d.add_argument("--out", default="demo-output", help="output directory")

@@ -102,7 +102,7 @@ class CpuMeter:
         self._thread: threading.Thread | None = None
         self.start_time = time.time()
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self.start_time = time.time()
         self.start_wall = time.perf_counter()
         self.start_busy = _proc_stat_busy()
@@ -165,7 +165,7 @@ class PeakRss:
         self.period, self.peak, self.start = period, 0, 0
         self._stop = threading.Event()
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.start = self.peak = self.proc.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -229,12 +229,23 @@ def per_round(results: dict[str, list[dict]], num: str, den: str, rate: Callable
     return ratio_stats([rate(a) / rate(b) for a, b in zip(results[num], results[den]) if rate(b) > 0])
 
 
+def best_ratio(results: dict[str, list[dict]], num: str, den: str, rate: Callable[[dict], float]) -> float | None:
+    """Fastest run of num over fastest run of den: noise on a shared machine only ever slows a run down, so the
+    best-of-rounds ratio estimates the uncontended ratio (shown next to the median per-round ratio)."""
+    a, b = max((rate(r) for r in results[num]), default=0.0), max((rate(r) for r in results[den]), default=0.0)
+    return a / b if a > 0 and b > 0 else None
+
+
 def median_of(results: list[dict], key: str) -> float | None:
     vals = [r[key] for r in results if r.get(key) is not None]
     return statistics.median(vals) if vals else None
 
 
 # ------------------------------------------------------------------------------------------- markdown
+def fmt_x(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}x"
+
+
 def fmt_ratio(st: dict[str, Any] | None, digits: int = 2) -> str:
     if not st or st.get("median") is None:
         return "n/a"
@@ -351,16 +362,25 @@ def corpus_docs(n_tokens: int) -> list[dict[str, Any]]:
 
 
 def exact_docs(n_tokens: int, tokenizer: Any) -> list[dict[str, Any]]:
-    """A corpus prefix whose packed token count is >= n_tokens and as close to it as whole documents allow."""
+    """A corpus prefix plus one filler document such that packing yields only full CONTEXT-token windows
+    (no padded batch): exactly n_tokens rounded up to a multiple of CONTEXT (rarely one window more)."""
     docs = corpus_docs(n_tokens)
     lens = [len(x) + 1 for x in tokenizer([d["text"] for d in docs], add_special_tokens=False)["input_ids"]]
-    body = CONTEXT - 1
-    total = 0
-    for i, n in enumerate(lens):
-        total += n
-        if total + -(-total // body) >= n_tokens:  # each window of `body` stream tokens gains a BOS
-            return docs[: i + 1]
-    return docs
+    body = CONTEXT - 1  # stream tokens per window; every window adds a BOS/CLS
+    target = -(-n_tokens // CONTEXT) * body
+    total, i = 0, 0
+    while i < len(docs) and total + lens[i] <= target:
+        total += lens[i]
+        i += 1
+    need = target - total  # stream tokens still missing: one filler document of need - 1 tokens + its separator
+    if need == 1:
+        need += body  # a 0-token document would be skipped; fill one more window instead
+    out = docs[:i]
+    if need:
+        filler = " ".join(["the"] * (need - 1))
+        assert len(tokenizer(filler, add_special_tokens=False)["input_ids"]) == need - 1
+        out.append({"text": filler, "topic": "filler", "has_example": 0})
+    return out
 
 
 def minilm_activations(n_tokens: int, hooks: list[str]) -> dict[str, np.ndarray]:

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import save_json
 
     args = parse_args(argv)
-    command = " ".join(shlex.quote(a) for a in [f"python benchmarks/run.py", *(argv or sys.argv[1:])])
+    command = " ".join(shlex.quote(a) for a in ["python benchmarks/run.py", *(argv or sys.argv[1:])])
     t0 = time.perf_counter()
     sections = {}
     failed = []

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from actstore.pipeline.export import TOKEN_COLUMNS, check_rows, fixed_size_list, iter_slice, row_pieces, token_slice
-from actstore.workers.dtypes import decode, decoded_dtype
+from actstore.workers.dtypes import NUMPY_STORED, decode, decoded_dtype
 from actstore.workers.shard_writer import chunk_rows
 
 
@@ -124,7 +124,9 @@ class GlobalShuffleIterable(IterableDataset):
     `DataLoader(ds, batch_size=None)`). DataLoader workers (and, with `rank`/`world_size`, distributed ranks)
     take every k-th window of the epoch, so the parts are disjoint and together hold every row exactly once.
     A worker's rows that do not fill a batch carry into its next window; only its last batch may be short.
-    Call `set_epoch(e)` before each epoch (as with DistributedSampler) to get a new order.
+    Call `set_epoch(e)` before each epoch (as with DistributedSampler) to get a new order. Memory: one window
+    per worker, about `window_chunks` x 4 MiB per hook (the writer's chunk size). With fewer windows than
+    workers x ranks, some parts get no rows: raise the row count or lower `window_chunks`.
     """
 
     def __init__(self, store: Any, hooks: str | Sequence[str], batch_size: int | None = None, seed: int = 0,
@@ -150,11 +152,11 @@ class GlobalShuffleIterable(IterableDataset):
         `chunk_rows` so no shard metadata has to be fetched; a misaligned block would still be read correctly.
         """
         infos = [self.store.manifest.hook(h) for h in self.hooks]
-        widest = max(infos, key=lambda h: h.d * (4 if h.dtype == "float32" else 2))
+        widest = max(infos, key=lambda h: h.d * NUMPY_STORED[h.dtype].itemsize)
+        item = NUMPY_STORED[widest.dtype].itemsize
         out = []
         for i, a, b in row_pieces(self.store, *self.rows):
-            n = self.store.manifest.shards[i].n_tokens
-            step = chunk_rows(n, widest.d, 4 if widest.dtype == "float32" else 2)
+            step = chunk_rows(self.store.manifest.shards[i].n_tokens, widest.d, item)
             for c in range(a - a % step, b, step):
                 out.append((i, max(a, c), min(b, c + step)))
         return out
@@ -276,6 +278,7 @@ def to_hf_dataset(store: Any, hook: str, rows: tuple[int, int] | None = None,
     further copy for float32/float16 stores (one copy in all: storage -> memory); bfloat16 stores are decoded
     to float32, which is one more copy. With `cache_file` the rows are streamed shard by shard into an Arrow
     file that the dataset memory-maps (bounded memory, one copy onto disk), as `datasets` does for its cache.
+    float16 stores keep float16 in Arrow; note that datasets' numpy/torch formatters widen it to float32.
     """
     from datasets import Dataset, DatasetInfo
     from datasets.table import InMemoryTable
@@ -345,6 +348,7 @@ def export_saelens_cache(store: Any, hook: str, out_dir: str | os.PathLike, rows
     `{<hook>: Array2D(shape=(context_size, d), dtype), "token_ids": List(Value("int32"), length=context_size)}`,
     one row per sequence. This is what SAELens' `ActivationsStore(cached_activations_path=out_dir, ...)` loads;
     it checks the hook column and its (context_size, d) shape and reshapes batches to (batch * ctx, d).
+    (Checked against sae-lens 6.54: cache_activations_runner.py and training/activations_store.py.)
 
     Each row holds `context_size` consecutive store rows (default: the manifest's context_length, so packed
     stores export whole windows when `rows` starts on a window boundary). The tail that does not fill a row is

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actstore.workers.dtypes import decode, decoded_dtype
+from actstore.workers.dtypes import NUMPY_STORED, decode, decoded_dtype
 
 FORMATS = ("npy", "safetensors", "parquet")
 TOKEN_COLUMNS = ("token_id", "doc_id", "seq_id", "position", "special")
@@ -110,11 +110,11 @@ def export_slice(store: Any, hook: str, rows: tuple[int, int] | None, fmt: str, 
     path = os.fspath(path)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    out_dtype = {"npy": decoded_dtype(h.dtype), "parquet": decoded_dtype(h.dtype)}.get(fmt, h.dtype)
-    {"npy": _write_npy, "safetensors": _write_safetensors, "parquet": _write_parquet}[fmt](
-        store, hook, start, stop, path)
+    writer = {"npy": _write_npy, "safetensors": _write_safetensors, "parquet": _write_parquet}[fmt]
+    writer(store, hook, start, stop, path)
+    dtype = h.dtype if fmt == "safetensors" else decoded_dtype(h.dtype).name  # safetensors keeps bfloat16
     return {"path": path, "format": fmt, "hook": hook, "rows": [start, stop], "shape": [stop - start, h.d],
-            "dtype": str(np.dtype(out_dtype)) if fmt != "safetensors" else h.dtype, "bytes": os.path.getsize(path)}
+            "dtype": dtype, "bytes": os.path.getsize(path)}
 
 
 def _write_npy(store: Any, hook: str, start: int, stop: int, path: str) -> None:
@@ -147,16 +147,15 @@ def _write_safetensors(store: Any, hook: str, start: int, stop: int, path: str) 
     h, n = store.manifest.hook(hook), stop - start
     tok = token_slice(store, start, stop)
     cols = {c: tok.column(c).to_numpy(zero_copy_only=False) for c in TOKEN_COLUMNS}
-    item = {"float32": 4, "float16": 2, "bfloat16": 2}[h.dtype]
-    entries = [("activations", h.dtype, [n, h.d], n * h.d * item)]
+    entries = [("activations", h.dtype, [n, h.d], n * h.d * NUMPY_STORED[h.dtype].itemsize)]
     entries += [(c, str(a.dtype), [n], a.nbytes) for c, a in cols.items()]
     meta = {"hook": hook, "rows": f"{start}:{stop}", "dtype": h.dtype, "source": str(store.url), "format": "actstore"}
     with open(path, "wb") as f:
         f.write(_safetensors_header(entries, meta))
-        for part, _ in iter_slice(store, hook, start, stop, raw=True):
-            f.write(np.ascontiguousarray(part).astype(part.dtype.newbyteorder("<"), copy=False).tobytes())
-        for a in cols.values():
-            f.write(np.ascontiguousarray(a).tobytes())
+        # stored bytes as they are (bf16 stays its uint16 bit pattern = safetensors BF16), little-endian
+        parts = iter_slice(store, hook, start, stop, raw=True)
+        f.writelines(np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")).tobytes() for p, _ in parts)
+        f.writelines(np.ascontiguousarray(a).tobytes() for a in cols.values())
 
 
 def _safetensors_header(entries: list[tuple[str, str, list[int], int]], meta: dict[str, str]) -> bytes:

@@ -13,17 +13,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from actstore.schemas.config import ConfigError, ExtractConfig
-from actstore.schemas.hooks import parse_hooks
-from actstore.workers import hookmap, storage
-from actstore.workers.runner import load_config, load_tokenizer, max_context
-from actstore.workers.shard_writer import is_committed
-
 from actstore.pipeline.finalize import finalize_extract
 from actstore.pipeline.lease import Lease
 from actstore.pipeline.output import check_output, write_run_record
 from actstore.pipeline.plan import make_plan
 from actstore.pipeline.store import Store, open_store
+from actstore.schemas.config import ConfigError, ExtractConfig
+from actstore.schemas.hooks import parse_hooks
+from actstore.workers import hookmap, storage
+from actstore.workers.runner import load_config, load_tokenizer, max_context
+from actstore.workers.shard_writer import is_committed
 
 log = logging.getLogger("actstore")
 

@@ -12,9 +12,15 @@ import pyarrow.parquet as pq
 import zarr
 from safetensors.numpy import save as st_save
 
+from actstore.pipeline.output import MANIFEST, RUN_RECORD
 from actstore.schemas.config import ExtractConfig
 from actstore.schemas.manifest import (
-    CorpusInfo, HookInfo, Manifest, ModelInfo, ShardInfo, TokenizerInfo,
+    CorpusInfo,
+    HookInfo,
+    Manifest,
+    ModelInfo,
+    ShardInfo,
+    TokenizerInfo,
 )
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED
@@ -22,8 +28,6 @@ from actstore.workers.hookmap import n_layers_of
 from actstore.workers.shard_writer import read_commit, read_stats, shard_path
 from actstore.workers.stats import HookStats
 from actstore.workers.storage import with_retries
-
-from actstore.pipeline.output import MANIFEST, RUN_RECORD
 
 
 def library_versions() -> dict[str, str]:

@@ -8,17 +8,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from actstore.schemas.manifest import CorpusInfo, Manifest
-from actstore.workers import storage
-from actstore.workers.dtypes import to_storage
-from actstore.workers.shard_writer import ArraySpec, write_shard
-
 from actstore.pipeline.finalize import (
-    commit_manifest, hook_infos, kind_of, library_versions, merged_stats, write_docs, write_stats,
+    commit_manifest,
+    hook_infos,
+    kind_of,
+    library_versions,
+    merged_stats,
+    write_docs,
+    write_stats,
 )
 from actstore.pipeline.output import OutputError, check_output
 from actstore.pipeline.store import Store, open_store
 from actstore.schemas.hooks import parse_hooks
+from actstore.schemas.manifest import CorpusInfo, Manifest
+from actstore.workers import storage
+from actstore.workers.dtypes import to_storage
+from actstore.workers.shard_writer import ArraySpec, write_shard
 
 
 def from_arrays(arrays: dict[str, Any], url: str, tokens: pa.Table | dict | None = None,
@@ -73,7 +78,6 @@ def _as_tensor(a: Any):
 
 
 def _infer_dtype(mats: dict) -> str:
-    import torch
 
     kinds = {str(m.dtype).removeprefix("torch.") for m in mats.values()}
     if kinds <= {"bfloat16"}:

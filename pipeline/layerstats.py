@@ -304,7 +304,7 @@ def _column(tokens: Any, name: str, dtype: Any, n: int) -> np.ndarray:
 def _summarise(store: Any, plan: LayerPlan, total: Partial, tokens: Any) -> dict[str, Any]:
     n = max(total.n, 1)
     residual = []
-    for i, h in enumerate(plan.resid):
+    for h in plan.resid:
         mean_norm = total.resid[h].norm_sum / n if total.n else math.nan
         prev = residual[-1]["mean_norm"] if residual else None
         spec = parse_hook(h)

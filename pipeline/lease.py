@@ -60,7 +60,7 @@ class Lease:
                 pass
         return True
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         cur = self._current()
         if cur and cur.get("owner") != self.owner and self._alive(cur):
             raise LeaseError(f"output {self.url!r} is being written by another {self.what} ({cur.get('owner')}); "

@@ -20,8 +20,8 @@ import dask.array as da
 import numpy as np
 import pyarrow as pa
 
-from actstore.schemas.manifest import HookInfo, ShardInfo
 from actstore.pipeline.store import Store, open_store
+from actstore.schemas.manifest import HookInfo, ShardInfo
 
 
 class MultiManifest:
@@ -40,7 +40,7 @@ class MultiManifest:
 
 
 def open_stores(urls: Sequence[str | Store], storage_options: dict | None = None, strict: bool = False,
-                ) -> "MultiStore":
+                ) -> MultiStore:
     """Open stores (URLs or already open Stores) as one view; see the module docstring for the rules."""
     stores = [u if isinstance(u, Store) else open_store(u, storage_options) for u in urls]
     if not stores:

@@ -33,6 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from actstore.pipeline.extract import preflight
+from actstore.pipeline.finalize import _model_info, _tokenizer_info, kind_of, library_versions
+from actstore.pipeline.plan import Plan, make_plan
 from actstore.schemas.config import ExtractConfig
 from actstore.schemas.hooks import parse_hooks
 from actstore.schemas.manifest import CorpusInfo, HookInfo, Manifest, ShardInfo
@@ -41,10 +44,6 @@ from actstore.workers.dtypes import NUMPY_STORED
 from actstore.workers.shard_writer import ArraySpec, _codecs, _parquet_bytes, _stats_bytes, chunk_rows
 from actstore.workers.stats import HookStats
 
-from actstore.pipeline.extract import preflight
-from actstore.pipeline.finalize import _model_info, _tokenizer_info, kind_of, library_versions
-from actstore.pipeline.plan import Plan, make_plan
-
 PARQUET_SAMPLE_SHARDS = 64  # token index files encoded exactly; beyond this, scaled per token
 S3_PUTS_PER_PREFIX = 3500  # S3's documented PUT rate per prefix
 
@@ -52,6 +51,8 @@ S3_PUTS_PER_PREFIX = 3500  # S3's documented PUT rate per prefix
 def plan(config: ExtractConfig | dict | str | Path, gpus: int | None = None, calibrate: bool = True,
          overrides: list[str] | None = None, calibration_batches: int = 3) -> dict[str, Any]:
     """Estimate an extraction (see the module docstring); `ok` is False with a `reason` when it cannot fit."""
+    if gpus is not None and gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}")
     cfg = ExtractConfig.build(config, overrides)
     fs, root = storage.get_fs(cfg.output, cfg.storage_options)
     model_cfg, tok = preflight(cfg, fs, root)  # the run's own checks: hooks, context length, output state
@@ -60,6 +61,8 @@ def plan(config: ExtractConfig | dict | str | Path, gpus: int | None = None, cal
     sizes = estimate_bytes(cfg, p, dims, model_cfg, tok)
     workers = gpus or cfg.num_workers or 1
     tps = calib["tokens_per_s"] * workers if calib else None
+    if calib and gpus and calib["device"] == "cpu":
+        calib["note"] = "calibrated on this machine's CPU: a GPU run will be faster than this estimate"
     wall = p.n_tokens / tps if tps else None
     disk = _disk(fs, root, sizes["total_bytes"])
     out = {
@@ -140,11 +143,10 @@ def estimate_bytes(cfg: ExtractConfig, p: Plan, dims: dict[str, int], model_cfg:
     for sp in p.shards:
         n_objects = 4  # tokens.parquet, stats.safetensors, shard.json, acts.zarr/zarr.json (group)
         for s in specs:
-            rows = chunk_rows(sp.n_tokens, s.d, item)
-            n_chunks = math.ceil(sp.n_tokens / rows) if sp.n_tokens else 0
-            data = n_chunks * rows * s.d * item  # edge chunks are stored full size
+            data, n_chunks = stored_array_bytes(sp.n_tokens, s.d, cfg.dtype)
             hooks[s.name]["array_bytes"] += data
-            hooks[s.name]["bytes"] += data + _zarr_meta(s, sp.n_tokens, rows, cfg.compression)
+            hooks[s.name]["bytes"] += data + _zarr_meta(s, sp.n_tokens, chunk_rows(sp.n_tokens, s.d, item),
+                                                        cfg.compression)
             n_objects += 1 + n_chunks
         objects += n_objects
         per_shard_objects = max(per_shard_objects, n_objects)
@@ -159,6 +161,16 @@ def estimate_bytes(cfg: ExtractConfig, p: Plan, dims: dict[str, int], model_cfg:
     return {"hooks": hooks, "token_index_bytes": token_index, "metadata_bytes": shard_meta + root_meta,
             "total_bytes": total, "shards": len(p.shards), "objects_per_shard": per_shard_objects,
             "objects": objects, "bytes_are_upper_bound": cfg.compression != "none"}
+
+
+def stored_array_bytes(n: int, d: int, dtype: str) -> tuple[int, int]:
+    """(bytes, chunk objects) of one uncompressed (n, d) shard array: Zarr writes edge chunks full size."""
+    if n == 0:
+        return 0, 0
+    item = NUMPY_STORED[dtype].itemsize
+    rows = chunk_rows(n, d, item)
+    n_chunks = math.ceil(n / rows)
+    return n_chunks * rows * d * item, n_chunks
 
 
 def _one_token() -> pa.Table:
@@ -289,7 +301,7 @@ def format_plan(res: dict[str, Any]) -> str:
     if res["calibration"]:
         c = res["calibration"]
         lines.append(f"throughput   {c['tokens_per_s']:,.0f} tok/s measured on {c['device']} x {res['workers']} "
-                     f"worker(s) = {res['tokens_per_s']:,.0f} tok/s")
+                     f"worker(s) = {res['tokens_per_s']:,.0f} tok/s" + (f" ({c['note']})" if c.get("note") else ""))
         lines.append(f"wall time    {_duration(res['wall_time_s'])}")
         s3 = res["s3"]
         lines.append(f"object store {s3['objects_per_s']:,.1f} PUT/s, {_gb(s3['bytes_per_s'])}/s"
@@ -304,5 +316,5 @@ def format_plan(res: dict[str, Any]) -> str:
 def _duration(s: float | None) -> str:
     if s is None:
         return "-"
-    h, rem = divmod(int(round(s)), 3600)
+    h, rem = divmod(round(s), 3600)
     return f"{h}h {rem // 60:02d}m {rem % 60:02d}s" if h else f"{rem // 60}m {rem % 60:02d}s"

@@ -15,7 +15,11 @@ import dask
 import numpy as np
 
 from actstore.workers.spectra import (
-    CovarianceAccumulator, SpectrumResult, merge_partials, spectrum_from_covariance, windowed_descriptors,
+    CovarianceAccumulator,
+    SpectrumResult,
+    merge_partials,
+    spectrum_from_covariance,
+    windowed_descriptors,
 )
 
 

@@ -6,7 +6,6 @@ manifest's shard list, so shards of an interrupted later run are never seen.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from actstore.pipeline.output import MANIFEST, RUN_RECORD
 from actstore.schemas.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED, decode
 from actstore.workers.shard_writer import shard_path
 from actstore.workers.stats import HookStats
-from actstore.pipeline.output import MANIFEST, RUN_RECORD
 
 
 def _retrying_getitem(arr: Any, key: Any) -> np.ndarray:
@@ -33,7 +32,7 @@ class StoreError(ValueError):
     """The store cannot be opened or read as asked; the message says what is missing."""
 
 
-def open_store(url: str, storage_options: dict[str, Any] | None = None) -> "Store":
+def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store:
     """Open a complete store at a path or fsspec URL (file://, memory://, s3://)."""
     fs, root = storage.get_fs(url, storage_options)
     mpath = storage.join(root, MANIFEST)
@@ -103,9 +102,12 @@ class Store:
         return decode(storage.with_retries(lambda: arr[start:stop], f"reading {hook} rows of shard {shard_index}"),
                       h.dtype)
 
-    @functools.lru_cache(maxsize=4096)
     def _cached_array(self, shard_index: int, hook: str) -> zarr.Array:
-        return self.shard_array(shard_index, hook)
+        """Open (and shape-check) each shard array once per Store."""
+        cache = self.__dict__.setdefault("_arrays", {})
+        if (shard_index, hook) not in cache:
+            cache[shard_index, hook] = self.shard_array(shard_index, hook)
+        return cache[shard_index, hook]
 
     # ---- tables ---------------------------------------------------------------------------------------------
     def shard_tokens(self, shard_index: int) -> pa.Table:
@@ -164,7 +166,7 @@ class Store:
 
         return to_xarray(self, hooks)
 
-    def verify(self) -> "Any":
+    def verify(self) -> Any:
         """Re-read every shard and check shapes, checksums and the manifest; returns a VerifyReport."""
         from actstore.pipeline.verify import verify_store
 

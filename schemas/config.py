@@ -118,7 +118,7 @@ class ExtractConfig(BaseModel):
 
     # ---- construction helpers -------------------------------------------------------------------------------
     @classmethod
-    def build(cls, source: "ExtractConfig | dict | str | Path", overrides: list[str] | None = None) -> "ExtractConfig":
+    def build(cls, source: ExtractConfig | dict | str | Path, overrides: list[str] | None = None) -> ExtractConfig:
         """Build from a config object, dict or YAML path, applying `key=value` overrides (YAML-typed values)."""
         if isinstance(source, ExtractConfig):
             data = source.model_dump()

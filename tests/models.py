@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers as T
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 
 def corpus_texts(n: int = 60, min_len: int = 40) -> list[str]:

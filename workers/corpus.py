@@ -144,7 +144,7 @@ def _record_doc(rec: Any, text_field: str, where: str) -> Document:
     return Document(text, where.rsplit(" line ", 1)[0].rsplit(" row ", 1)[0], meta)
 
 
-def doc_digest(h: "hashlib._Hash", doc: Document) -> None:
+def doc_digest(h: hashlib._Hash, doc: Document) -> None:
     """Fold one document (text and metadata) into a running corpus hash."""
     blob = json.dumps([doc.text, doc.meta], sort_keys=True, default=str, ensure_ascii=False)
     h.update(hashlib.sha256(blob.encode("utf-8")).digest())

@@ -36,13 +36,13 @@ class HookStats:
     overflow: int = 0  # float16 entries stored as inf (only with on_overflow: inf)
 
     @classmethod
-    def empty(cls, d: int) -> "HookStats":
+    def empty(cls, d: int) -> HookStats:
         z = np.zeros(d, np.int64)
         return cls(0, np.zeros(d), np.zeros(d), np.zeros(d), z, z.copy(), z.copy(), z.copy(),
                    np.zeros(len(NORM_EDGES) + 1, np.int64), 0.0)
 
     @classmethod
-    def from_rows(cls, x: np.ndarray, overflow: int = 0) -> "HookStats":
+    def from_rows(cls, x: np.ndarray, overflow: int = 0) -> HookStats:
         """Statistics of rows `x` (n, d) — callers pass only the rows that count (non-special tokens)."""
         out = cls.empty(x.shape[1])
         for start in range(0, x.shape[0], _BLOCK):
@@ -50,7 +50,7 @@ class HookStats:
         out.overflow = overflow
         return out
 
-    def merge(self, other: "HookStats") -> "HookStats":
+    def merge(self, other: HookStats) -> HookStats:
         """Exact combination of two disjoint row sets."""
         n = self.n + other.n
         if n == 0:
@@ -110,7 +110,7 @@ class HookStats:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, np.ndarray], prefix: str) -> "HookStats":
+    def from_tensors(cls, tensors: dict[str, np.ndarray], prefix: str) -> HookStats:
         kw = {}
         for f in fields(cls):
             v = tensors[f"{prefix}{f.name}"]

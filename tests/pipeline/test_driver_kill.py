@@ -9,9 +9,9 @@ import sys
 import time
 
 import pytest
+from test_resume import tree_digest
 
 import actstore
-from test_resume import tree_digest
 
 pytestmark = pytest.mark.ray
 

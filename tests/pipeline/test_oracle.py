@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-
 from conftest import extract_local
 
 KINDS = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "mlp.hook_post", "hook_mlp_out",

@@ -10,10 +10,10 @@ import time
 import numpy as np
 import psutil
 import pytest
+from test_resume import tree_digest
 
 import actstore
 from actstore.pipeline.lease import LeaseError
-from test_resume import tree_digest
 
 pytestmark = pytest.mark.ray
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]

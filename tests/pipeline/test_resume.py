@@ -6,10 +6,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from conftest import extract_local
 
 from actstore.pipeline import local_executor
 from actstore.workers import shard_task
-from conftest import extract_local
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]
 

@@ -16,8 +16,8 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.2.hook_mlp_out"]
 
 @pytest.fixture(scope="module")
 def s3():
-    from moto.server import ThreadedMotoServer
     import s3fs
+    from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()

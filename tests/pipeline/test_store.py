@@ -10,11 +10,11 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from conftest import extract_local
 
 import actstore
 from actstore.pipeline.store import StoreError
 from actstore.workers.dtypes import Float16OverflowError
-from conftest import extract_local
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import extract_local
 from safetensors.numpy import load_file
 
 import actstore
 from actstore.pipeline.splice import load_causal_lm, splice_scores
-from conftest import extract_local
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import zarr
+from conftest import extract_local
 
 import actstore
 from actstore.pipeline.store import StoreError
 from actstore.schemas.manifest import ManifestError
-from conftest import extract_local
 
 HOOK = "blocks.0.hook_resid_post"
 

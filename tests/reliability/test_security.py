@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import extract_local
 
 import actstore
-from conftest import extract_local
 
 HOOK = "blocks.0.hook_resid_post"
 SECRET = "PLANTED-secret-8c1f0e77"

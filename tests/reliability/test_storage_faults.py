@@ -3,12 +3,12 @@ without a commit, a full disk names its cause; after each, a resumed run is byte
 
 from __future__ import annotations
 
+import faultfs  # noqa: F401  (registers faulty://)
 import numpy as np
 import pytest
+from faultfs import FaultFS
 
 import actstore
-import faultfs  # noqa: F401  (registers faulty://)
-from faultfs import FaultFS
 from actstore.pipeline.store import StoreError
 from actstore.workers.storage import StorageError
 

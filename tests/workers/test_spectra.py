@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from actstore.workers.spectra import (
     CovarianceAccumulator,
     SpectrumResult,
