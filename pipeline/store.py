@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from actstore.pipeline.output import MANIFEST, RUN_RECORD
+from actstore.pipeline.rawchunks import RawChunkArray
 from actstore.schemas.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED, decode
@@ -83,13 +84,24 @@ class Store:
                              f"but the manifest says {want} {NUMPY_STORED[h.dtype]}; run `actstore verify`")
         return arr
 
+    def _reader(self, shard_index: int, hook: str) -> Any:
+        """The fastest reader for a shard array: raw chunk files on local disk when uncompressed, else zarr."""
+        arr = self.shard_array(shard_index, hook)  # opens and shape-checks through zarr either way
+        if storage.is_local(self.fs):
+            path = storage.join(shard_path(self.root, self.manifest.shards[shard_index].id), "acts.zarr", hook)
+            raw = RawChunkArray.open(path)
+            if raw is not None and raw.shape == tuple(arr.shape) and raw.dtype == arr.dtype:
+                return raw
+        return arr
+
     def activations(self, hook: str) -> da.Array:
         """Lazy (n_tokens, d) dask array of the hook; bfloat16 is decoded to float32."""
         h = self.manifest.hook(hook)
         parts = []
         for i in range(len(self.manifest.shards)):
-            arr = self.shard_array(i, hook)
-            parts.append(da.from_array(arr, chunks=arr.chunks, asarray=True, getitem=_retrying_getitem))
+            arr = self._reader(i, hook)
+            parts.append(da.from_array(arr, chunks=arr.chunks, asarray=True, getitem=_retrying_getitem,
+                                       name=f"actstore-{self.manifest.shards[i].id}-{hook}-{id(self)}"))
         arr = da.concatenate(parts, axis=0) if parts else da.zeros((0, h.d), NUMPY_STORED[h.dtype])
         if h.dtype == "bfloat16":
             arr = arr.map_blocks(decode, "bfloat16", dtype=np.float32)
@@ -106,7 +118,7 @@ class Store:
         """Open (and shape-check) each shard array once per Store."""
         cache = self.__dict__.setdefault("_arrays", {})
         if (shard_index, hook) not in cache:
-            cache[shard_index, hook] = self.shard_array(shard_index, hook)
+            cache[shard_index, hook] = self._reader(shard_index, hook)
         return cache[shard_index, hook]
 
     # ---- tables ---------------------------------------------------------------------------------------------
