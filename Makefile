@@ -12,14 +12,15 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
+# torch is named in the same pip call as the package so the resolver never wanders to other (CUDA) builds.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[demo]"
+	$(PIP) install "$(TORCH_SPEC)" -e ".[demo]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install "$(TORCH_SPEC)" -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
