@@ -13,13 +13,14 @@ sequence and token ids of different stores are unrelated.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import pyarrow as pa
 
+from actstore.pipeline.consumers import ConsumersMixin
 from actstore.pipeline.store import Store, open_store
 from actstore.schemas.manifest import HookInfo, ShardInfo
 
@@ -74,7 +75,7 @@ def _names(names: set[str]) -> str:
     return ", ".join(sorted(names)) or "(none)"
 
 
-class MultiStore:
+class MultiStore(ConsumersMixin):
     """Row-wise concatenation of compatible stores (see the module docstring)."""
 
     def __init__(self, stores: Sequence[Store], strict: bool = False) -> None:
@@ -144,26 +145,3 @@ class MultiStore:
     def special_mask(self) -> np.ndarray:
         return np.concatenate([s.special_mask() for s in self.stores])
 
-    # ---- consumers --------------------------------------------------------------------------------------
-    def loader(self, hooks: str | list[str], batch_size: int, shuffle: bool = True, seed: int = 0,
-               **kwargs: Any) -> Iterator[Any]:
-        """Shuffled batches across all stores (`actstore.pipeline.loader.ActivationLoader`)."""
-        from actstore.pipeline.loader import ActivationLoader
-
-        return iter(ActivationLoader(self, hooks, batch_size, shuffle=shuffle, seed=seed, **kwargs))
-
-    def torch_dataset(self, hooks: str | list[str], kind: str = "map", seed: int = 0, epoch: int = 0,
-                      **kwargs: Any) -> Any:
-        from actstore.pipeline.adapters import torch_dataset
-
-        return torch_dataset(self, hooks, kind=kind, seed=seed, epoch=epoch, **kwargs)
-
-    def to_hf_dataset(self, hook: str, **kwargs: Any) -> Any:
-        from actstore.pipeline.adapters import to_hf_dataset
-
-        return to_hf_dataset(self, hook, **kwargs)
-
-    def to_xarray(self, hooks: list[str] | None = None) -> Any:
-        from actstore.pipeline.adapters import to_xarray
-
-        return to_xarray(self, hooks)

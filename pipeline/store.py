@@ -6,7 +6,6 @@ manifest's shard list, so shards of an interrupted later run are never seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import dask.array as da
@@ -15,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from actstore.pipeline.consumers import ConsumersMixin
 from actstore.pipeline.output import MANIFEST, RUN_RECORD
 from actstore.pipeline.rawchunks import RawChunkArray
 from actstore.schemas.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
@@ -49,7 +49,7 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store
     return Store(url, manifest, fs, root, storage_options)
 
 
-class Store:
+class Store(ConsumersMixin):
     """A committed activation store."""
 
     def __init__(self, url: str, manifest: Manifest, fs, root: str, storage_options: dict | None = None) -> None:
@@ -150,34 +150,7 @@ class Store:
         raw = self.fs.cat_file(storage.join(self.root, "stats", hook, "stats.safetensors"))
         return HookStats.from_tensors(st_load(raw), "")
 
-    # ---- training / checking --------------------------------------------------------------------------------
-    def loader(self, hooks: str | list[str], batch_size: int, shuffle: bool = True, seed: int = 0,
-               **kwargs: Any) -> Iterator[Any]:
-        """Shuffled batches as torch tensors (see `actstore.pipeline.loader.ActivationLoader`)."""
-        from actstore.pipeline.loader import ActivationLoader
-
-        return iter(ActivationLoader(self, hooks, batch_size, shuffle=shuffle, seed=seed, **kwargs))
-
-    # ---- other tools (actstore.pipeline.adapters) ----------------------------------------------------------
-    def torch_dataset(self, hooks: str | list[str], kind: str = "map", seed: int = 0, epoch: int = 0,
-                      **kwargs: Any) -> Any:
-        """torch Dataset: kind="map" (ActivationDataset) or "iterable" (GlobalShuffleIterable, seeded global shuffle)."""
-        from actstore.pipeline.adapters import torch_dataset
-
-        return torch_dataset(self, hooks, kind=kind, seed=seed, epoch=epoch, **kwargs)
-
-    def to_hf_dataset(self, hook: str, **kwargs: Any) -> Any:
-        """Hugging Face `datasets.Dataset` with an `activations` column and the token index columns."""
-        from actstore.pipeline.adapters import to_hf_dataset
-
-        return to_hf_dataset(self, hook, **kwargs)
-
-    def to_xarray(self, hooks: list[str] | None = None) -> Any:
-        """Lazy `xarray.Dataset` with dims (token, d_<hook>) and token-index coordinates."""
-        from actstore.pipeline.adapters import to_xarray
-
-        return to_xarray(self, hooks)
-
+    # ---- checking ----------------------------------------------------------------------------------------
     def verify(self) -> Any:
         """Re-read every shard and check shapes, checksums and the manifest; returns a VerifyReport."""
         from actstore.pipeline.verify import verify_store
