@@ -30,7 +30,7 @@ class RawChunkArray:
         self.ndim = 2
 
     @classmethod
-    def open(cls, path: str) -> "RawChunkArray | None":
+    def open(cls, path: str) -> RawChunkArray | None:
         """A raw reader for the array at `path`, or None when the fast path does not apply."""
         try:
             with open(os.path.join(path, "zarr.json")) as f:
