@@ -30,6 +30,10 @@ log = logging.getLogger("actstore")
 def extract(config: ExtractConfig | dict | str | Path, overrides: list[str] | None = None) -> Store:
     """Run an extraction described by a config object, dict or YAML path; return the finished Store."""
     cfg = ExtractConfig.build(config, overrides)
+    if cfg.append is not None:  # grow an existing store instead (actstore.pipeline.append)
+        from actstore.pipeline.append import append
+
+        return append(cfg)
     fs, root = storage.get_fs(cfg.output, cfg.storage_options)
     model_cfg, tok = preflight(cfg, fs, root)
     plan = make_plan(cfg, tok)
@@ -43,13 +47,20 @@ def extract(config: ExtractConfig | dict | str | Path, overrides: list[str] | No
         done = plan.n_tokens - sum(p.n_tokens for p in todo)
         with tqdm(total=plan.n_tokens, initial=done, unit="tok", unit_scale=True, disable=not cfg.progress,
                   desc="extract", dynamic_ncols=True) as bar:
-            _execute(cfg, todo, plan.special.pad, fs, root, bar.update)
+            execute(cfg, todo, plan.special.pad, fs, root, bar.update)
         finalize_extract(cfg, plan, model_cfg, tok, fs, root)
     return open_store(cfg.output, cfg.storage_options)
 
 
 def preflight(cfg: ExtractConfig, fs, root: str) -> tuple[Any, Any]:
     """Checks that need the model config but no weights; returns (model config, tokenizer)."""
+    model_cfg = check_model(cfg)
+    check_output(fs, root, cfg.output, cfg.config_hash())
+    return model_cfg, load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+
+
+def check_model(cfg: ExtractConfig) -> Any:
+    """Config checks against the model config (hooks, context limit) and the executor; returns the model config."""
     if cfg.executor == "ray" and cfg.output.startswith("memory://"):
         raise ConfigError("output: memory:// lives in one process; use executor: local or a file/s3 output")
     model_cfg = load_config(cfg.model, cfg.revision, cfg.trust_remote_code)
@@ -59,11 +70,11 @@ def preflight(cfg: ExtractConfig, fs, root: str) -> tuple[Any, Any]:
         raise ConfigError(f"context_length: {cfg.context_length} exceeds the model's limit of {limit} positions")
     if cfg.shard_tokens < cfg.context_length:
         raise ConfigError(f"shard_tokens: {cfg.shard_tokens} is smaller than context_length {cfg.context_length}")
-    check_output(fs, root, cfg.output, cfg.config_hash())
-    return model_cfg, load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+    return model_cfg
 
 
-def _execute(cfg: ExtractConfig, todo: list, pad_id: int, fs, root: str, progress) -> None:
+def execute(cfg: ExtractConfig, todo: list, pad_id: int, fs, root: str, progress) -> None:
+    """Run (write and commit) the planned shards `todo` with the configured executor."""
     if not todo:
         return
     if cfg.executor == "local":

@@ -25,7 +25,7 @@ from actstore.schemas.manifest import (
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED
 from actstore.workers.hookmap import n_layers_of
-from actstore.workers.shard_writer import read_commit, read_stats, shard_path
+from actstore.workers.shard_writer import read_commit, read_shard_stats, shard_path
 from actstore.workers.stats import HookStats
 from actstore.workers.storage import with_retries
 
@@ -57,16 +57,23 @@ def merged_stats(fs, root: str, shard_ids: list[str], hooks: list[str]) -> dict[
     """Merge shard statistics in shard order (deterministic)."""
     total: dict[str, HookStats] = {}
     for sid in shard_ids:
-        for h, st in with_retries(lambda: read_stats(fs, root, sid, hooks), f"reading stats of {sid}").items():
+        for h, st in with_retries(lambda: read_shard_stats(fs, root, sid, hooks), f"reading stats of {sid}").items():
             total[h] = total[h].merge(st) if h in total else st
     return total
 
 
-def write_stats(fs, root: str, stats: dict[str, HookStats]) -> None:
+def stats_blob(hook: str, st: HookStats) -> bytes:
+    """stats/<hook>/stats.safetensors: a hook's merged statistics."""
+    return st_save(st.to_tensors(""), metadata={"actstore": json.dumps({"format": "actstore-stats-v1", "hook": hook})})
+
+
+def write_stats(fs, root: str, stats: dict[str, HookStats], atomic: bool = False) -> None:
+    """Write merged statistics; `atomic` replaces existing files so readers never see a partial one."""
+    put = storage.put_atomic if atomic else storage.put
     for h, st in stats.items():
-        blob = st_save(st.to_tensors(""), metadata={"actstore": json.dumps({"format": "actstore-stats-v1", "hook": h})})
+        blob = stats_blob(h, st)
         path = storage.join(root, "stats", h, "stats.safetensors")
-        with_retries(lambda: storage.put(fs, path, blob), f"writing {path}")
+        with_retries(lambda: put(fs, path, blob), f"writing {path}")
 
 
 def write_docs(fs, root: str, docs: pa.Table) -> None:

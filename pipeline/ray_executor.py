@@ -39,9 +39,12 @@ def decode_plan(row: dict[str, Any]) -> ShardPlan:
 
 
 class ShardActor:
-    """Ray Data actor: builds the model runner once, then runs one shard per call."""
+    """Ray Data actor: builds the model runner once, then runs one shard per call.
 
-    def __init__(self, cfg: dict[str, Any], pad_id: int, threads: int) -> None:
+    With `append_tag` (`append: hooks`) it adds the config's hooks to committed shards instead of writing them.
+    """
+
+    def __init__(self, cfg: dict[str, Any], pad_id: int, threads: int, append_tag: str | None = None) -> None:
         import torch
 
         from actstore.pipeline.local_executor import make_runner, task_options
@@ -53,16 +56,20 @@ class ShardActor:
         self.runner = make_runner(self.cfg, pad_id)
         self.opts = task_options(self.cfg)
         self.fs, self.root = storage.get_fs(self.cfg.output, self.cfg.storage_options)
+        self.append_tag = append_tag
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from actstore.workers.shard_task import run_shard
+        from actstore.workers.shard_task import append_shard, run_shard
 
         ids, counts = [], []
         for i in range(len(batch["shard_id"])):
             plan = decode_plan({k: v[i] for k, v in batch.items()})
-            info = run_shard(self.runner, plan, self.opts, self.fs, self.root)
-            ids.append(info.id)
-            counts.append(info.n_tokens)
+            if self.append_tag is not None:
+                append_shard(self.runner, plan, self.opts, self.fs, self.root, self.append_tag)
+            else:
+                run_shard(self.runner, plan, self.opts, self.fs, self.root)
+            ids.append(plan.shard_id)
+            counts.append(plan.n_tokens)
         return {"shard_id": np.array(ids), "n_tokens": np.array(counts, np.int64)}
 
 
@@ -94,8 +101,9 @@ def pool_shape(cfg: ExtractConfig) -> tuple[int, dict[str, float], int]:
 
 
 def run_ray(cfg: ExtractConfig, todo: list[ShardPlan], pad_id: int, progress: Callable[[int], None],
-            ray_address: str | None = None) -> None:
-    """Run pending shards on a Ray actor pool; returns when every shard is committed."""
+            ray_address: str | None = None, append_tag: str | None = None) -> None:
+    """Run pending shards on a Ray actor pool; returns when every shard is committed (or, with `append_tag`,
+    when the config's hooks are appended to every shard of `todo`)."""
     with ray_session(ray_address):
         from ray.data import ActorPoolStrategy, DataContext
 
@@ -104,7 +112,8 @@ def run_ray(cfg: ExtractConfig, todo: list[ShardPlan], pad_id: int, progress: Ca
         n, res, threads = pool_shape(cfg)
         ds = ray.data.from_items([encode_plan(p) for p in todo], override_num_blocks=max(1, len(todo)))
         out = ds.map_batches(
-            ShardActor, fn_constructor_kwargs={"cfg": cfg.model_dump(), "pad_id": pad_id, "threads": threads},
+            ShardActor, fn_constructor_kwargs={"cfg": cfg.model_dump(), "pad_id": pad_id, "threads": threads,
+                                   "append_tag": append_tag},
             batch_size=1, compute=ActorPoolStrategy(size=min(n, len(todo))), **res,
         )
         for row in out.iter_rows():

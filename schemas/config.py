@@ -79,6 +79,14 @@ class ExtractConfig(BaseModel):
     """Show a progress bar (tokens, tokens/s, ETA)."""
     lease_stale_after: float = Field(default=60.0, gt=0)
     """Seconds without heartbeat after which another run's lease on the output counts as dead and is taken over."""
+    append: Literal["hooks", "tokens"] | None = None
+    """Grow the complete store at `output` instead of writing a new one (existing shards are never rewritten; the
+    manifest is replaced atomically at the end; rerunning an interrupted append resumes it shard by shard).
+    hooks: add the hooks listed in `hooks` (none may be stored already) for the store's tokens; every other content
+    field must equal the store's, and the corpus is re-read and checked against the store's corpus hash and token
+    index. tokens: add the documents of a new `corpus` after the store's rows (its own max_docs, text_field and
+    split may differ); every other content field, `hooks` included, must equal the store's. Not part of the
+    config hash: it changes no stored byte, and the grown store records the config that describes all of it."""
 
     @model_validator(mode="before")
     @classmethod
@@ -139,7 +147,7 @@ class ExtractConfig(BaseModel):
     def content_dict(self) -> dict[str, Any]:
         """Fields that determine the stored bytes (what the config hash covers)."""
         skip = {"output", "executor", "ray_address", "num_workers", "storage_options", "progress", "device",
-                "lease_stale_after"}
+                "lease_stale_after", "append"}
         data = self.model_dump(exclude=skip)
         if not isinstance(self.corpus, str):
             data["corpus"] = "<in-memory>"  # its content is covered by the corpus hash instead

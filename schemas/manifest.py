@@ -75,10 +75,30 @@ class TokenizerInfo(_Model):
     special_ids: list[int] = Field(default_factory=list)
 
 
+class CorpusPart(_Model):
+    """One corpus of a store grown with `append: tokens`, with the rows it starts at (parts are in row order)."""
+
+    corpus: str
+    """The corpus as given (path, URL or glob), or `<in-memory list of N documents>`."""
+    text_field: str
+    split: str
+    max_docs: int | None = None
+    sha256: str
+    """Hash of this corpus' documents (text and metadata, in order)."""
+    n_docs: int = Field(ge=0)
+    doc_start: int = Field(ge=0)
+    """doc_id of its first document."""
+    seq_start: int = Field(ge=0)
+    token_start: int = Field(ge=0)
+
+
 class CorpusInfo(_Model):
     sha256: str
-    """Hash of every document's text and metadata, in order (detects a corpus changed between runs)."""
+    """Hash of every document's text and metadata, in order (detects a corpus changed between runs). For a store of
+    several corpora (`parts`), SHA-256 of the line `actstore-corpus-parts-v1` followed by one line per part hash."""
     n_docs: int
+    parts: list[CorpusPart] | None = None
+    """None for a store made from one corpus; after `append: tokens`, every corpus of the store in row order."""
 
 
 class Manifest(_Model):

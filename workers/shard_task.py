@@ -13,7 +13,7 @@ import numpy as np
 from actstore.schemas.manifest import ShardInfo
 from actstore.workers.dtypes import FLOAT16_MAX, NUMPY_STORED, Float16OverflowError
 from actstore.workers.runner import ModelRunner
-from actstore.workers.shard_writer import ArraySpec, write_shard
+from actstore.workers.shard_writer import ArraySpec, append_arrays, write_shard
 from actstore.workers.storage import with_retries
 from actstore.workers.tokenize import ShardPlan
 
@@ -29,11 +29,41 @@ class TaskOptions:
 
 
 def run_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root: str) -> ShardInfo:
-    """Forward every sequence of `plan` in batches, then write and commit the shard.
+    """Forward every sequence of `plan` in batches, then write and commit the shard."""
+    arrays, overflow = forward_shard(runner, plan, opts)
+    specs = [ArraySpec(s.name, arrays[s.name].shape[1], opts.dtype) for s in runner.specs]
+    meta = {
+        "seq_start": plan.seq_start, "seq_end": plan.seq_start + len(plan.sequences),
+        "token_start": plan.token_start, "token_end": plan.token_start + plan.n_tokens,
+    }
+    tokens = plan.tokens_table()
+    return with_retries(
+        lambda: write_shard(fs, root, plan.shard_id, meta, tokens, arrays, specs, opts.compression, overflow),
+        f"writing shard {plan.shard_id}",
+    )
+
+
+def append_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root: str, tag: str) -> dict:
+    """Run the runner's (new) hooks over an already committed shard and add their arrays to it (`append: hooks`).
+
+    The rows come from the same batching as `run_shard`, so they equal what a run with every hook would store.
+    Returns the shard's append record (see `shard_writer.append_arrays`).
+    """
+    arrays, overflow = forward_shard(runner, plan, opts)
+    specs = [ArraySpec(s.name, arrays[s.name].shape[1], opts.dtype) for s in runner.specs]
+    tokens = plan.tokens_table()
+    return with_retries(
+        lambda: append_arrays(fs, root, plan.shard_id, tag, tokens, arrays, specs, opts.compression, overflow),
+        f"appending hooks to shard {plan.shard_id}",
+    )
+
+
+def forward_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Stored rows of every runner hook over `plan`, in the shard's row order, and float16 overflow counts.
 
     Batches are formed over the sequences sorted by length (stable), so unpacked corpora waste little compute on
     padding; rows are scattered back to the shard's (sequence, position) order. The grouping depends only on
-    the plan, so every executor produces the same bytes.
+    the plan, so every executor produces the same bytes. Raises Float16OverflowError per `opts.on_overflow`.
     """
     n = plan.n_tokens
     lengths = np.array([len(s.ids) for s in plan.sequences])
@@ -52,17 +82,8 @@ def run_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root:
                 arrays[name] = np.empty((n, arr.shape[1]), NUMPY_STORED[opts.dtype])
             arrays[name][rows] = arr
             overflow[name] += n_over
-    specs = [ArraySpec(s.name, arrays[s.name].shape[1], opts.dtype) for s in runner.specs]
     _check_overflow(overflow, opts, plan.shard_id)
-    meta = {
-        "seq_start": plan.seq_start, "seq_end": plan.seq_start + len(plan.sequences),
-        "token_start": plan.token_start, "token_end": plan.token_start + n,
-    }
-    tokens = plan.tokens_table()
-    return with_retries(
-        lambda: write_shard(fs, root, plan.shard_id, meta, tokens, arrays, specs, opts.compression, overflow),
-        f"writing shard {plan.shard_id}",
-    )
+    return arrays, overflow
 
 
 def _check_overflow(overflow: dict[str, int], opts: TaskOptions, shard_id: str) -> None:

@@ -5,6 +5,9 @@ shard.json is written last and is the shard's commit record: a shard without it 
 run and is rewritten. On local disks the shard is built under shards/.tmp/ and renamed into place in one step;
 object stores have no rename, so there the files go to the final prefix and the commit record's PUT is the
 atomic step. The same input always produces the same bytes, so a retried or duplicated task is harmless.
+
+`append: hooks` adds arrays to a committed shard without changing its files (acts.zarr/<new hook>,
+stats-<tag>.safetensors, then append-<tag>.json as that append's commit record: see `append_arrays`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -30,6 +34,7 @@ from actstore.workers.stats import HookStats
 
 CHUNK_BYTES = 4 << 20  # ~4 MiB full-width chunks: large enough for fast scans, small enough to shuffle
 COMMIT_FILE = "shard.json"
+_APPEND_RE = re.compile(r"^append-([0-9a-f]{8,64})\.json$")  # commit records of `append: hooks`, one per append
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,11 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 def _write_arrays(fs, work: str, arrays: dict[str, np.ndarray], specs: list[ArraySpec], compression: str) -> dict:
     store = storage.zarr_store(fs, storage.join(work, "acts.zarr"))
-    group = zarr.open_group(store, mode="w")
+    return _create_arrays(zarr.open_group(store, mode="w"), arrays, specs, compression)
+
+
+def _create_arrays(group: zarr.Group, arrays: dict[str, np.ndarray], specs: list[ArraySpec], compression: str) -> dict:
+    """Create and fill one array per spec in `group`; returns hook -> SHA-256 of the stored bytes."""
     sums = {}
     for spec in specs:
         arr = arrays[spec.name]
@@ -157,3 +166,73 @@ def _stats_bytes(tokens: pa.Table, arrays: dict, specs: list[ArraySpec], overflo
 def read_stats(fs, root: str, shard_id: str, hooks: list[str]) -> dict[str, HookStats]:
     tensors = st_load(fs.cat_file(storage.join(shard_path(root, shard_id), "stats.safetensors")))
     return {h: HookStats.from_tensors(tensors, f"{h}/") for h in hooks}
+
+
+def read_shard_stats(fs, root: str, shard_id: str, hooks: list[str]) -> dict[str, HookStats]:
+    """Like `read_stats`, but hooks added later by `append: hooks` are read from their append's stats file."""
+    tensors = st_load(fs.cat_file(storage.join(shard_path(root, shard_id), "stats.safetensors")))
+    missing = {h for h in hooks if f"{h}/n" not in tensors}
+    for tag, rec in append_records(fs, root, shard_id) if missing else []:
+        if missing & set(rec.get("hooks", [])):
+            tensors.update(st_load(fs.cat_file(storage.join(shard_path(root, shard_id), f"stats-{tag}.safetensors"))))
+    return {h: HookStats.from_tensors(tensors, f"{h}/") for h in hooks}
+
+
+# ---- append: hooks --------------------------------------------------------------------------------------------
+# A committed shard never changes; new hooks go next to its files: acts.zarr/<hook> (a new array in the existing
+# group, whose zarr.json is left as it is), stats-<tag>.safetensors, then append-<tag>.json, the append's commit
+# record for this shard, written last. `tag` names one append (the store and the new hooks), so a rerun of an
+# interrupted append skips the shards that hold its record.
+
+def append_record_path(root: str, shard_id: str, tag: str) -> str:
+    return storage.join(shard_path(root, shard_id), f"append-{tag}.json")
+
+
+def is_appended(fs, root: str, shard_id: str, tag: str) -> bool:
+    return fs.exists(append_record_path(root, shard_id, tag))
+
+
+def read_append(fs, root: str, shard_id: str, tag: str) -> dict:
+    return json.loads(fs.cat_file(append_record_path(root, shard_id, tag)))
+
+
+def append_records(fs, root: str, shard_id: str) -> list[tuple[str, dict]]:
+    """(tag, record) of every append commit record in a shard, in name order."""
+    fs.invalidate_cache(shard_path(root, shard_id))  # object-store listings are cached; records may be new
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(shard_path(root, shard_id), detail=False))
+    return [(m.group(1), json.loads(fs.cat_file(storage.join(shard_path(root, shard_id), m.group(0)))))
+            for m in map(_APPEND_RE.match, names) if m]
+
+
+def append_arrays(
+    fs, root: str, shard_id: str, tag: str, tokens: pa.Table, arrays: dict[str, np.ndarray],
+    specs: list[ArraySpec], compression: str = "none", overflow: dict[str, int] | None = None,
+) -> dict:
+    """Add new hook arrays (and their statistics) to a committed shard without changing any of its files.
+
+    Leftovers of an uncommitted earlier attempt at the same hooks (arrays, other appends' records naming them)
+    are removed first: they were never part of the store. Returns the record written last.
+    """
+    if not is_committed(fs, root, shard_id):
+        raise FileNotFoundError(f"shard {shard_id} is not committed; cannot append hooks to it")
+    base, names = shard_path(root, shard_id), {s.name for s in specs}
+    for other, rec in append_records(fs, root, shard_id):
+        if other != tag and names & set(rec.get("hooks", [])):
+            for name in (f"append-{other}.json", f"stats-{other}.safetensors"):
+                if fs.exists(storage.join(base, name)):
+                    fs.rm(storage.join(base, name))
+    for name in names:
+        if fs.find(storage.join(base, "acts.zarr", name)):
+            fs.rm(storage.join(base, "acts.zarr", name), recursive=True)
+    group = zarr.open_group(storage.zarr_store(fs, storage.join(base, "acts.zarr")), mode="r+")
+    sums = _create_arrays(group, arrays, specs, compression)
+    storage.put(fs, storage.join(base, f"stats-{tag}.safetensors"), _stats_bytes(tokens, arrays, specs, overflow or {}))
+    record = {"format": "actstore-append-v1", "tag": tag, "hooks": [s.name for s in specs], "arrays": sums,
+              "overflow": {s.name: int((overflow or {}).get(s.name, 0)) for s in specs}}
+    storage.put_atomic(fs, append_record_path(root, shard_id, tag), (json.dumps(record, indent=1) + "\n").encode())
+    return record
+
+
+def tokens_sha256(tokens: pa.Table) -> str:
+    """SHA-256 of tokens.parquet as `write_shard` would write this table."""
+    return hashlib.sha256(_parquet_bytes(tokens)).hexdigest()
