@@ -262,8 +262,9 @@ def goal_status(st: dict[str, Any] | None, goal: float | None, higher_is_better:
     m = st["median"]
     if (m >= goal) if higher_is_better else (m <= goal):
         return "met"
-    miss = (goal / m - 1) if higher_is_better else (m / goal - 1)
-    return f"**missed** by {miss:.0%}"
+    if higher_is_better:  # shortfall: how far below the goal the median is, as a share of the goal
+        return f"**missed**: {m / goal:.0%} of goal"
+    return f"**missed**: {m / goal - 1:.0%} over"
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -285,7 +286,8 @@ def env_block(result: dict[str, Any]) -> str:
     m, v, cpu = result["machine"], result["versions"], result.get("cpu", {})
     vers = ", ".join(f"{k} {val}" for k, val in v.items())
     lines = [
-        f"*Measured {result['date']} ({result['mode']} mode, {result['rounds']} rounds, round-robin) on "
+        f"*Measured {result['date']} ({result['mode']} mode, {result.get('rounds_note') or result['rounds']} rounds, "
+        "round-robin) on "
         f"{m['cpu_model']}, {m['usable_cpus']} CPUs, {m['mem_gib']} GiB; torch threads {result['threads']}; "
         f"{vers}. Command: `{result['command']}`. Section wall time {cpu.get('wall_s', 0):.0f} s; this run used "
         f"{cpu.get('ours_cpu_s', 0):.0f} CPU-s, other processes {cpu.get('other_cpu_s', 0):.0f} CPU-s "
