@@ -59,6 +59,10 @@ def preflight(cfg: ExtractConfig, fs, root: str) -> tuple[Any, Any]:
     return model_cfg, load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
 
 
+# Bidirectional encoders that transformers can still wrap in a *ForCausalLM class (as a decoder, untrained).
+_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "electra", "ernie", "camembert", "megatron-bert"})
+
+
 def check_model(cfg: ExtractConfig) -> Any:
     """Config checks against the model config (hooks, context limit) and the executor; returns the model config."""
     if cfg.executor == "ray" and cfg.output.startswith("memory://"):
@@ -70,7 +74,19 @@ def check_model(cfg: ExtractConfig) -> Any:
         raise ConfigError(f"context_length: {cfg.context_length} exceeds the model's limit of {limit} positions")
     if cfg.shard_tokens < cfg.context_length:
         raise ConfigError(f"shard_tokens: {cfg.shard_tokens} is smaller than context_length {cfg.context_length}")
+    if cfg.token_outputs is not None:
+        check_causal(model_cfg)
     return model_cfg
+
+
+def check_causal(model_cfg: Any) -> None:
+    """token_outputs are next-token predictions: refuse bidirectional encoders and models without an LM head."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    encoder = model_cfg.model_type in _ENCODERS and not getattr(model_cfg, "is_decoder", False)
+    if encoder or type(model_cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(f"token_outputs: {model_cfg.model_type!r} is not a causal language model; next-token loss "
+                          "needs one (remove token_outputs for this model)")
 
 
 def execute(cfg: ExtractConfig, todo: list, pad_id: int, fs, root: str, progress) -> None:

@@ -15,7 +15,10 @@ def task_options(cfg: ExtractConfig) -> TaskOptions:
 
 
 def make_runner(cfg: ExtractConfig, pad_id: int) -> ModelRunner:
-    return ModelRunner(cfg.model, cfg.hooks, cfg.revision, cfg.model_dtype, cfg.device, cfg.trust_remote_code, pad_id)
+    # append: hooks only adds arrays to committed shards, whose outputs (if any) are already stored
+    wanted = cfg.token_outputs if cfg.append != "hooks" else None
+    return ModelRunner(cfg.model, cfg.hooks, cfg.revision, cfg.model_dtype, cfg.device, cfg.trust_remote_code, pad_id,
+                       outputs_topk=wanted.topk if wanted is not None else None)
 
 
 def run_local(cfg: ExtractConfig, todo: list[ShardPlan], pad_id: int, fs, root: str,

@@ -22,6 +22,7 @@ from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED, decode
 from actstore.workers.shard_writer import shard_path
 from actstore.workers.stats import HookStats
+from actstore.workers.token_outputs import OUTPUTS_FILE
 
 
 def _retrying_getitem(arr: Any, key: Any) -> np.ndarray:
@@ -132,6 +133,18 @@ class Store(ConsumersMixin):
         """Token index: token_id, doc_id, seq_id, position, special — one row per stored token, in row order."""
         tables = [self.shard_tokens(i) for i in range(len(self.manifest.shards))]
         return pa.concat_tables(tables) if tables else pa.table({})
+
+    def token_outputs(self) -> pa.Table:
+        """Per-token model outputs (config `token_outputs`), row-aligned with `tokens()`: `loss` (next-token
+        negative log-likelihood, null at a sequence's last position), plus `topk_ids`/`topk_logprobs` when asked."""
+        if any(s.outputs_sha256 is None for s in self.manifest.shards) or not self.manifest.shards:
+            raise ValueError(f"store {self.url} has no per-token outputs; extract with `token_outputs: {{topk: 5}}`")
+        tables = []
+        for info in self.manifest.shards:
+            path = storage.join(shard_path(self.root, info.id), OUTPUTS_FILE)
+            raw = storage.with_retries(lambda p=path: self.fs.cat_file(p), f"reading {path}")
+            tables.append(pq.read_table(pa.BufferReader(raw)))
+        return pa.concat_tables(tables)
 
     def docs(self) -> pa.Table:
         """One row per corpus document: doc_id plus every metadata/label field."""

@@ -10,6 +10,7 @@ import numpy as np
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED
 from actstore.workers.shard_writer import sha256_array, shard_path
+from actstore.workers.token_outputs import OUTPUTS_FILE
 
 
 @dataclass
@@ -55,15 +56,21 @@ def _check_ranges(man, rep: VerifyReport) -> None:
 
 
 def _check_tokens(store, info, rep: VerifyReport) -> None:
-    path = storage.join(shard_path(store.root, info.id), "tokens.parquet")
+    _check_file(store, info, "tokens.parquet", info.tokens_sha256, rep)
+    if info.outputs_sha256 is not None:
+        _check_file(store, info, OUTPUTS_FILE, info.outputs_sha256, rep)
+
+
+def _check_file(store, info, name: str, sha256: str, rep: VerifyReport) -> None:
+    path = storage.join(shard_path(store.root, info.id), name)
     try:
         raw = storage.with_retries(lambda: store.fs.cat_file(path), f"reading {path}")
     except (FileNotFoundError, OSError):
-        rep.problems.append(f"shard {info.id}: tokens.parquet is missing")
+        rep.problems.append(f"shard {info.id}: {name} is missing")
         return
     rep.bytes_read += len(raw)
-    if hashlib.sha256(raw).hexdigest() != info.tokens_sha256:
-        rep.problems.append(f"shard {info.id}: tokens.parquet checksum mismatch")
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        rep.problems.append(f"shard {info.id}: {name} checksum mismatch")
 
 
 def _check_array(store, i: int, info, h, rep: VerifyReport) -> None:

@@ -25,6 +25,15 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one line naming the field and the fix."""
 
 
+class TokenOutputs(BaseModel):
+    """Per-token model outputs stored next to the token index (`outputs.parquet` in every shard)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    topk: int = Field(default=0, ge=0, le=1000)
+    """Also store the k most likely next tokens and their log-probabilities per token (0: next-token loss only)."""
+
+
 class ExtractConfig(BaseModel):
     """Configuration of one extraction run (design §2)."""
 
@@ -79,6 +88,9 @@ class ExtractConfig(BaseModel):
     """Show a progress bar (tokens, tokens/s, ETA)."""
     lease_stale_after: float = Field(default=60.0, gt=0)
     """Seconds without heartbeat after which another run's lease on the output counts as dead and is taken over."""
+    token_outputs: TokenOutputs | None = None
+    """Store per-token outputs of a causal LM: next-token loss (and `topk` log-probabilities), e.g.
+    `token_outputs: {topk: 5}`. Runs the whole model with its LM head, so it turns early exit off."""
     append: Literal["hooks", "tokens"] | None = None
     """Grow the complete store at `output` instead of writing a new one (existing shards are never rewritten; the
     manifest is replaced atomically at the end; rerunning an interrupted append resumes it shard by shard).

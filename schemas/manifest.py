@@ -53,6 +53,8 @@ class ShardInfo(_Model):
     """hook -> SHA-256 of the array's stored bytes (C order, little-endian)."""
     tokens_sha256: str
     """SHA-256 of tokens.parquet as written."""
+    outputs_sha256: str | None = None
+    """SHA-256 of outputs.parquet (per-token model outputs) when the config asked for `token_outputs`."""
 
 
 class ModelInfo(_Model):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from actstore.schemas.hooks import HookSpec, parse_hooks
-from actstore.workers import hookmap
+from actstore.workers import hookmap, token_outputs
 from actstore.workers.dtypes import TORCH_DTYPES, to_storage
 
 
@@ -80,10 +80,16 @@ class ModelRunner:
         device: str = "auto",
         trust_remote_code: bool = False,
         pad_id: int = 0,
+        outputs_topk: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.model = model if isinstance(model, nn.Module) else self._load(model, revision, model_dtype, trust_remote_code)
-        self.model.to(self.device).eval()
+        self.outputs_topk = outputs_topk  # None: no per-token outputs (and early exit allowed)
+        self.outputs: dict[str, np.ndarray] = {}  # per-token outputs of the last captured batch
+        lm = model if isinstance(model, nn.Module) else self._load(
+            model, revision, model_dtype, trust_remote_code, causal_lm=outputs_topk is not None)
+        # Hooks live on the base model; with outputs the forward runs through the LM wrapper to get logits.
+        self.lm = lm.to(self.device).eval()
+        self.model = lm.base_model if outputs_topk is not None else lm
         self.specs: list[HookSpec] = parse_hooks(hooks)
         hookmap.check_hooks(self.specs, self.model.config)
         self.pad_id = pad_id
@@ -93,15 +99,23 @@ class ModelRunner:
         self._handles += self._register_stop()
 
     @staticmethod
-    def _load(model: str, revision: str | None, model_dtype: str, trust_remote_code: bool) -> nn.Module:
-        from transformers import AutoModel
+    def _load(model: str, revision: str | None, model_dtype: str, trust_remote_code: bool,
+              causal_lm: bool = False) -> nn.Module:
+        from transformers import AutoModel, AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         load_config(model, revision, trust_remote_code)  # one-line errors for bad paths first
         hf_logging.disable_progress_bar()  # our own bar reports tokens; HF's per-file bars are noise here
-        return AutoModel.from_pretrained(
-            model, revision=revision, dtype=TORCH_DTYPES[model_dtype], trust_remote_code=trust_remote_code
-        )
+        kw = dict(revision=revision, dtype=TORCH_DTYPES[model_dtype], trust_remote_code=trust_remote_code)
+        if not causal_lm:
+            return AutoModel.from_pretrained(model, **kw)
+        lm, info = AutoModelForCausalLM.from_pretrained(model, output_loading_info=True, **kw)
+        # A checkpoint of the base model alone loads with a freshly *random* head: its "outputs" would be noise.
+        head = [k for k in info.get("missing_keys", []) if not k.startswith(lm.base_model_prefix + ".")]
+        if head:
+            raise ModelLoadError(f"token_outputs: {model!r} has no trained LM head (missing {head[0]!r}); give a "
+                                 "*ForCausalLM checkpoint or remove token_outputs")
+        return lm
 
     def _register(self, spec: HookSpec) -> Any:
         module, where, _ = hookmap.resolve(self.model, spec)
@@ -124,6 +138,8 @@ class ModelRunner:
     def _register_stop(self) -> list[Any]:
         """Hook the deepest needed block to raise _StopForward once it has run (all hooks captured by then)."""
         blocks = hookmap.blocks_of(self.model)
+        if self.outputs_topk is not None:
+            return []  # per-token outputs need the logits, so the whole model runs
         depths = [hookmap.resolve(self.model, s)[2] for s in self.specs]
         if blocks is None or any(d is None for d in depths):
             return []  # a hook outside the blocks (or an unmapped family): run the whole model
@@ -151,7 +167,9 @@ class ModelRunner:
             mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)
         self._mask, self._captured = mask, {}
         try:
-            self.model(input_ids=ids, attention_mask=mask.long() if mask is not None else None, use_cache=False)
+            out = self.lm(input_ids=ids, attention_mask=mask.long() if mask is not None else None, use_cache=False)
+            if self.outputs_topk is not None:
+                self.outputs = token_outputs.from_logits(out.logits, ids, lengths, self.outputs_topk)
         except _StopForward:
             pass
         finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actstore.schemas.manifest import ShardInfo
+from actstore.workers import token_outputs
 from actstore.workers.dtypes import FLOAT16_MAX, NUMPY_STORED, Float16OverflowError
 from actstore.workers.runner import ModelRunner
 from actstore.workers.shard_writer import ArraySpec, append_arrays, write_shard
@@ -30,7 +31,8 @@ class TaskOptions:
 
 def run_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root: str) -> ShardInfo:
     """Forward every sequence of `plan` in batches, then write and commit the shard."""
-    arrays, overflow = forward_shard(runner, plan, opts)
+    outputs = {} if runner.outputs_topk is not None else None
+    arrays, overflow = forward_shard(runner, plan, opts, outputs)
     specs = [ArraySpec(s.name, arrays[s.name].shape[1], opts.dtype) for s in runner.specs]
     meta = {
         "seq_start": plan.seq_start, "seq_end": plan.seq_start + len(plan.sequences),
@@ -38,7 +40,8 @@ def run_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root:
     }
     tokens = plan.tokens_table()
     return with_retries(
-        lambda: write_shard(fs, root, plan.shard_id, meta, tokens, arrays, specs, opts.compression, overflow),
+        lambda: write_shard(fs, root, plan.shard_id, meta, tokens, arrays, specs, opts.compression, overflow,
+                            token_outputs.to_table(outputs) if outputs is not None else None),
         f"writing shard {plan.shard_id}",
     )
 
@@ -58,8 +61,13 @@ def append_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, ro
     )
 
 
-def forward_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def forward_shard(
+    runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, outputs: dict[str, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Stored rows of every runner hook over `plan`, in the shard's row order, and float16 overflow counts.
+
+    With an `outputs` dict (and a runner built with outputs_topk), the per-token outputs are filled into it in
+    the same row order.
 
     Batches are formed over the sequences sorted by length (stable), so unpacked corpora waste little compute on
     padding; rows are scattered back to the shard's (sequence, position) order. The grouping depends only on
@@ -77,6 +85,8 @@ def forward_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions) -> tu
         rows = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in idx])
         if rows[-1] - rows[0] + 1 == len(rows) and np.all(np.diff(idx) == 1):
             rows = slice(int(rows[0]), int(rows[-1]) + 1)  # packed windows: a plain copy, no scatter
+        if outputs is not None:
+            _put_outputs(outputs, runner, rows, n)
         for name, (arr, n_over) in out.items():
             if name not in arrays:  # widths are known once the first batch has run
                 arrays[name] = np.empty((n, arr.shape[1]), NUMPY_STORED[opts.dtype])
@@ -84,6 +94,13 @@ def forward_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions) -> tu
             overflow[name] += n_over
     _check_overflow(overflow, opts, plan.shard_id)
     return arrays, overflow
+
+
+def _put_outputs(outputs: dict[str, np.ndarray], runner: ModelRunner, rows, n: int) -> None:
+    if not outputs:
+        outputs.update(token_outputs.empty(n, runner.outputs_topk or 0))
+    for key, val in runner.outputs.items():
+        outputs[key][rows] = val
 
 
 def _check_overflow(overflow: dict[str, int], opts: TaskOptions, shard_id: str) -> None:

@@ -31,6 +31,7 @@ from actstore.schemas.manifest import ShardInfo
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED, decode
 from actstore.workers.stats import HookStats
+from actstore.workers.token_outputs import OUTPUTS_FILE
 
 CHUNK_BYTES = 4 << 20  # ~4 MiB full-width chunks: large enough for fast scans, small enough to shuffle
 COMMIT_FILE = "shard.json"
@@ -82,8 +83,12 @@ def _codecs(compression: str) -> list | None:
 def write_shard(
     fs, root: str, shard_id: str, meta: dict, tokens: pa.Table, arrays: dict[str, np.ndarray],
     specs: list[ArraySpec], compression: str = "none", overflow: dict[str, int] | None = None,
+    outputs: pa.Table | None = None,
 ) -> ShardInfo:
-    """Write and commit one shard; `meta` holds seq/token ranges. Returns the committed ShardInfo."""
+    """Write and commit one shard; `meta` holds seq/token ranges. Returns the committed ShardInfo.
+
+    `outputs` (per-token model outputs, row-aligned with `tokens`) goes to outputs.parquet when given.
+    """
     final = shard_path(root, shard_id)
     work = storage.join(root, "shards", ".tmp", f"{shard_id}.{uuid.uuid4().hex[:12]}") if storage.is_local(fs) else final
     if fs.exists(final) and not is_committed(fs, root, shard_id) and work == final:
@@ -92,11 +97,17 @@ def write_shard(
     fs.makedirs(work, exist_ok=True)
     storage.put(fs, storage.join(work, "tokens.parquet"), tok_bytes)
     sums = _write_arrays(fs, work, arrays, specs, compression)
+    out_sha = None
+    if outputs is not None:
+        out_bytes = _parquet_bytes(outputs)
+        storage.put(fs, storage.join(work, OUTPUTS_FILE), out_bytes)
+        out_sha = hashlib.sha256(out_bytes).hexdigest()
     storage.put(fs, storage.join(work, "stats.safetensors"), _stats_bytes(tokens, arrays, specs, overflow or {}))
     doc = tokens.column("doc_id").to_numpy()
     info = ShardInfo(
         id=shard_id, n_tokens=tokens.num_rows, arrays=sums, tokens_sha256=hashlib.sha256(tok_bytes).hexdigest(),
-        doc_start=int(doc.min()) if doc.size else -1, doc_end=int(doc.max()) if doc.size else -1, **meta,
+        doc_start=int(doc.min()) if doc.size else -1, doc_end=int(doc.max()) if doc.size else -1,
+        outputs_sha256=out_sha, **meta,
     )
     _commit(fs, work, final, info)
     return info
