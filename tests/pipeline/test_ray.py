@@ -86,3 +86,13 @@ def test_second_writer_refused(tmp_path, tiny, texts):
         actstore.extract(_cfg(tiny("gpt2"), out, texts[:8], executor="local"))
     t.join(timeout=300)
     assert result["store"].verify().ok and not (out / "lease.json").exists()
+
+
+def test_ray_equals_local_with_token_outputs(tmp_path, tiny, texts):
+    """outputs.parquet is part of the shard: byte-identical between executors (GPT-2's head is its tied wte)."""
+    kw = dict(token_outputs={"topk": 2})
+    ray_store = actstore.extract(_cfg(tiny("gpt2"), tmp_path / "ray", texts[:4], **kw))
+    local = actstore.extract(_cfg(tiny("gpt2"), tmp_path / "local", texts[:4], executor="local", **kw))
+    assert all(s.outputs_sha256 for s in local.manifest.shards)
+    assert ray_store.manifest.shards == local.manifest.shards
+    assert ray_store.token_outputs().equals(local.token_outputs())

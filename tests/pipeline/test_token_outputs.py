@@ -92,3 +92,13 @@ def test_outputs_refused_for_encoders_and_headless(tiny, llama_lm, tmp_path):
     with pytest.raises(actstore.workers.runner.ModelLoadError, match="no trained LM head"):
         extract_local(tiny("llama"), tmp_path / "h", ["blocks.0.hook_resid_post"], ["a b c d"], token_outputs={})
     assert not (tmp_path / "h" / "manifest.json").exists()
+
+
+def test_inspect_reports_loss(llama_lm, tmp_path, capsys):
+    from actstore.cli import main
+
+    store = extract_local(llama_lm, tmp_path / "s", ["blocks.0.hook_resid_post"], corpus_texts(4, min_len=5),
+                          token_outputs={"topk": 1})
+    assert main(["inspect", str(tmp_path / "s")]) == 0
+    loss = store.token_outputs().column("loss").to_numpy(zero_copy_only=False)
+    assert f"next-token loss {np.nanmean(loss):.4g}" in capsys.readouterr().out
