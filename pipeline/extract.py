@@ -36,7 +36,17 @@ def extract(config: ExtractConfig | dict | str | Path, overrides: list[str] | No
         return append(cfg)
     fs, root = storage.get_fs(cfg.output, cfg.storage_options)
     model_cfg, tok = preflight(cfg, fs, root)
-    plan = make_plan(cfg, tok)
+    if cfg.executor == "local":
+        return _run(cfg, model_cfg, tok, fs, root, None)
+    from actstore.pipeline.ray_executor import ray_session
+    from actstore.pipeline.ray_tokenize import ray_tokenizer
+
+    with ray_session(ray_address(cfg)):  # one session for tokenizing tasks and the actor pool
+        return _run(cfg, model_cfg, tok, fs, root, ray_tokenizer(cfg))
+
+
+def _run(cfg: ExtractConfig, model_cfg: Any, tok: Any, fs, root: str, tokenize) -> Store:
+    plan = make_plan(cfg, tok, tokenize)
     state = check_output(fs, root, cfg.output, cfg.config_hash(), plan.corpus_sha256)
     if state.complete:
         log.info("output %s already holds this store; nothing to do", cfg.output)
@@ -100,4 +110,8 @@ def execute(cfg: ExtractConfig, todo: list, pad_id: int, fs, root: str, progress
     else:
         from actstore.pipeline.ray_executor import run_ray
 
-        run_ray(cfg, todo, pad_id, progress, ray_address=cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        run_ray(cfg, todo, pad_id, progress, ray_address=ray_address(cfg))
+
+
+def ray_address(cfg: ExtractConfig) -> str | None:
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS")

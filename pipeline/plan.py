@@ -6,8 +6,11 @@ and a resumed or distributed run reproduce an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterator
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,12 +41,20 @@ class Plan:
         return sum(len(s.sequences) for s in self.shards)
 
 
-def make_plan(cfg: ExtractConfig, tokenizer) -> Plan:
-    """Tokenize the corpus and plan shards; raises CorpusError for empty or unreadable corpora."""
+Tokenize = Callable[[Iterable[list[str]], bool, int | None], Iterator[list[list[int]]]]
+
+
+def make_plan(cfg: ExtractConfig, tokenizer, tokenize: Tokenize | None = None) -> Plan:
+    """Tokenize the corpus and plan shards; raises CorpusError for empty or unreadable corpora.
+
+    `tokenize(batches of texts, add_special, max_length)` yields token lists per batch in order; by default the
+    batches are tokenized here (the Ray executor passes `ray_tokenize.ray_tokenizer`, which runs them as tasks).
+    """
     ids = special_ids(tokenizer)
     docs_rows: list[dict] = []
     h = hashlib.sha256()
-    token_lists = _tokenized(cfg, tokenizer, docs_rows, h)
+    tokenize = tokenize or functools.partial(_in_process, tokenizer)
+    token_lists = _tokenized(cfg, tokenize, docs_rows, h)
     seqs = pack(token_lists, cfg.context_length, ids) if cfg.packing else unpacked(token_lists, ids)
     shards = list(plan_shards(seqs, cfg.shard_tokens))
     if not docs_rows:
@@ -54,28 +65,28 @@ def make_plan(cfg: ExtractConfig, tokenizer) -> Plan:
     return Plan(shards, _docs_table(docs_rows, shards), h.hexdigest(), ids)
 
 
-def _tokenized(cfg: ExtractConfig, tok, rows: list[dict], h) -> Iterator[tuple[int, list[int]]]:
+def _in_process(tok, batches: Iterable[list[str]], add_special: bool, max_length: int | None) -> Iterator[list[list[int]]]:
+    for texts in batches:
+        yield tokenize_batch(tok, texts, add_special, max_length)
+
+
+def _tokenized(cfg: ExtractConfig, tokenize: Tokenize, rows: list[dict], h) -> Iterator[tuple[int, list[int]]]:
     """(doc_id, token ids) per document, recording each document's row and folding it into the corpus hash."""
-    docs = iter_documents(cfg.corpus, cfg.text_field, cfg.split, cfg.storage_options, cfg.max_docs)
-    batch: list[Document] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == _TOKENIZE_BATCH:
-            yield from _tokenize(cfg, tok, batch, rows, h)
-            batch = []
-    if batch:
-        yield from _tokenize(cfg, tok, batch, rows, h)
+    docs = iter(iter_documents(cfg.corpus, cfg.text_field, cfg.split, cfg.storage_options, cfg.max_docs))
+    sent: deque[list[Document]] = deque()  # batches handed to `tokenize`, oldest first (results come in order)
 
+    def texts() -> Iterator[list[str]]:
+        while batch := list(itertools.islice(docs, _TOKENIZE_BATCH)):
+            sent.append(batch)
+            yield [d.text for d in batch]
 
-def _tokenize(cfg: ExtractConfig, tok, batch: list[Document], rows: list[dict], h) -> Iterator[tuple[int, list[int]]]:
     # With packing, special tokens come from the packer; without, from the tokenizer (truncated to the window).
-    lists = tokenize_batch(tok, [d.text for d in batch], add_special=not cfg.packing,
-                           max_length=None if cfg.packing else cfg.context_length)
-    for doc, toks in zip(batch, lists):
-        doc_id = len(rows)
-        doc_digest(h, doc)
-        rows.append({"doc_id": doc_id, "source": doc.source, "n_chars": len(doc.text), **doc.meta})
-        yield doc_id, toks
+    for lists in tokenize(texts(), not cfg.packing, None if cfg.packing else cfg.context_length):
+        for doc, toks in zip(sent.popleft(), lists):
+            doc_id = len(rows)
+            doc_digest(h, doc)
+            rows.append({"doc_id": doc_id, "source": doc.source, "n_chars": len(doc.text), **doc.meta})
+            yield doc_id, toks
 
 
 def _docs_table(rows: list[dict], shards: list[ShardPlan]) -> pa.Table:

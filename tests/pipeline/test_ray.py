@@ -96,3 +96,19 @@ def test_ray_equals_local_with_token_outputs(tmp_path, tiny, texts):
     assert all(s.outputs_sha256 for s in local.manifest.shards)
     assert ray_store.manifest.shards == local.manifest.shards
     assert ray_store.token_outputs().equals(local.token_outputs())
+
+
+def test_ray_tokenize_tasks_give_the_same_plan(tiny, texts, monkeypatch, tmp_path):
+    """Tokenizing in Ray tasks (many small batches, several in flight) plans exactly what in-process does."""
+    from actstore.pipeline import plan as plan_mod
+    from actstore.pipeline.ray_tokenize import ray_tokenizer
+    from actstore.schemas.config import ExtractConfig
+    from actstore.workers.runner import load_tokenizer
+
+    monkeypatch.setattr(plan_mod, "_TOKENIZE_BATCH", 3)  # 12 documents -> 4 tasks, results must stay in order
+    for packing in (True, False):
+        cfg = ExtractConfig.build(_cfg(tiny("gpt2"), tmp_path / "p", texts, packing=packing))
+        tok = load_tokenizer(cfg.model)
+        a, b = plan_mod.make_plan(cfg, tok), plan_mod.make_plan(cfg, tok, ray_tokenizer(cfg, in_flight=2))
+        assert a.corpus_sha256 == b.corpus_sha256 and a.docs.equals(b.docs)
+        assert [s.tokens_table() for s in a.shards] == [s.tokens_table() for s in b.shards]
