@@ -13,6 +13,8 @@ The numbers come from the same code as the run itself, not from rules of thumb:
 - time: tokens/s of a short calibration (a warm-up batch, then a few timed batches of the run's batch size
   through `ModelRunner.run`, i.e. forward + storage conversion) on this machine, times `gpus` (or the
   configured num_workers) assuming one model worker per GPU. Writes are not timed;
+- `append` configs are estimated as what they add: `tokens` the new corpus, `hooks` the new hooks over the
+  store's tokens (its token-index and metadata bytes are counted too, so that estimate is an upper bound);
 - disk: `shutil.disk_usage` of the output (local outputs only; object stores report no capacity): the plan is
   `ok: False` with a reason when the free space is below the bytes still to write.
 """
@@ -33,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from actstore.pipeline.extract import preflight
+from actstore.pipeline.extract import check_model, preflight
 from actstore.pipeline.finalize import _model_info, _tokenizer_info, kind_of, library_versions
 from actstore.pipeline.plan import Plan, make_plan
 from actstore.schemas.config import ExtractConfig
@@ -41,6 +43,7 @@ from actstore.schemas.hooks import parse_hooks
 from actstore.schemas.manifest import CorpusInfo, HookInfo, Manifest, ShardInfo
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED
+from actstore.workers.runner import load_tokenizer
 from actstore.workers.shard_writer import ArraySpec, _codecs, _parquet_bytes, _stats_bytes, chunk_rows
 from actstore.workers.stats import HookStats
 
@@ -55,7 +58,10 @@ def plan(config: ExtractConfig | dict | str | Path, gpus: int | None = None, cal
         raise ValueError(f"gpus must be at least 1, got {gpus}")
     cfg = ExtractConfig.build(config, overrides)
     fs, root = storage.get_fs(cfg.output, cfg.storage_options)
-    model_cfg, tok = preflight(cfg, fs, root)  # the run's own checks: hooks, context length, output state
+    if cfg.append is None:
+        model_cfg, tok = preflight(cfg, fs, root)  # the run's own checks: hooks, context length, output state
+    else:  # the output holds the store to grow (append() checks the config against it); estimate what is added
+        model_cfg, tok = check_model(cfg), load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     p = make_plan(cfg, tok)
     dims, calib = _dims_and_calibration(cfg, model_cfg, p, calibrate, calibration_batches)
     sizes = estimate_bytes(cfg, p, dims, model_cfg, tok)
@@ -67,7 +73,8 @@ def plan(config: ExtractConfig | dict | str | Path, gpus: int | None = None, cal
     disk = _disk(fs, root, sizes["total_bytes"])
     out = {
         "ok": True, "reason": None, "model": cfg.model, "output": cfg.output,
-        "tokens": p.n_tokens, "sequences": p.n_sequences, "documents": p.docs.num_rows, **sizes,
+        "append": cfg.append, "tokens": p.n_tokens, "sequences": p.n_sequences, "documents": p.docs.num_rows,
+        **sizes,
         "calibration": calib, "workers": workers, "tokens_per_s": tps, "wall_time_s": wall,
         "s3": _s3_rates(sizes, wall), "disk": disk,
     }
@@ -157,10 +164,22 @@ def estimate_bytes(cfg: ExtractConfig, p: Plan, dims: dict[str, int], model_cfg:
     shard_meta = sum(len(_shard_json(sp, sums)) for sp in p.shards) + len(p.shards) * (stats_shard + _group_meta())
     root_meta = _docs_bytes(p) + _manifest_bytes(cfg, p, dims, model_cfg, tok)
     objects += 2 + len(specs)  # manifest.json, docs.parquet, stats/<hook>/stats.safetensors
-    total = sum(h["bytes"] for h in hooks.values()) + token_index + shard_meta + root_meta
+    outputs = _outputs_bytes(cfg, p)
+    objects += len(p.shards) if outputs else 0
+    total = sum(h["bytes"] for h in hooks.values()) + token_index + shard_meta + root_meta + outputs
     return {"hooks": hooks, "token_index_bytes": token_index, "metadata_bytes": shard_meta + root_meta,
-            "total_bytes": total, "shards": len(p.shards), "objects_per_shard": per_shard_objects,
-            "objects": objects, "bytes_are_upper_bound": cfg.compression != "none"}
+            "token_outputs_bytes": outputs, "total_bytes": total, "shards": len(p.shards),
+            "objects_per_shard": per_shard_objects + (1 if outputs else 0), "objects": objects,
+            "bytes_are_upper_bound": cfg.compression != "none" or bool(outputs)}
+
+
+def _outputs_bytes(cfg: ExtractConfig, p: Plan) -> int:
+    """outputs.parquet (token_outputs), uncompressed: loss float32 + k (int32 id, float32 log-prob) per token.
+
+    An upper bound: the values depend on the model's predictions, and zstd compresses the ids somewhat."""
+    if cfg.token_outputs is None or cfg.append == "hooks":
+        return 0
+    return p.n_tokens * (4 + 8 * cfg.token_outputs.topk)
 
 
 def stored_array_bytes(n: int, d: int, dtype: str) -> tuple[int, int]:
@@ -290,13 +309,17 @@ def _gb(n: float) -> str:
 
 def format_plan(res: dict[str, Any]) -> str:
     """Human-readable plan for the CLI."""
-    lines = [f"model        {res['model']}", f"output       {res['output']}",
+    lines = [f"model        {res['model']}", f"output       {res['output']}"
+             + (f" (append: {res['append']}; figures are what the append adds)" if res.get("append") else ""),
              f"tokens       {res['tokens']:,} in {res['sequences']:,} sequences from {res['documents']:,} documents",
              f"shards       {res['shards']:,} ({res['objects_per_shard']} objects each, {res['objects']:,} in all)"]
     for name, h in res["hooks"].items():
         lines.append(f"  {name:34s} d={h['d']:<6d} {h['dtype']:8s} {_gb(h['bytes'])}")
-    bound = " (upper bound: compressed)" if res["bytes_are_upper_bound"] else ""
-    lines += [f"token index  {_gb(res['token_index_bytes'])}", f"metadata     {_gb(res['metadata_bytes'])}",
+    bound = " (upper bound)" if res["bytes_are_upper_bound"] else ""
+    lines += [f"token index  {_gb(res['token_index_bytes'])}", f"metadata     {_gb(res['metadata_bytes'])}"]
+    if res["token_outputs_bytes"]:
+        lines.append(f"outputs      {_gb(res['token_outputs_bytes'])} (token_outputs, uncompressed)")
+    lines += [
               f"total        {_gb(res['total_bytes'])}{bound}"]
     if res["calibration"]:
         c = res["calibration"]

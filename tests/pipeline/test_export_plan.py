@@ -148,3 +148,28 @@ def test_array_bytes_include_edge_chunk_padding(tmp_path):
     want, n_chunks = stored_array_bytes(20000, 128, "float32")
     assert n_chunks == len(chunks) == 3 and want == 3 * 6667 * 128 * 4 > x.nbytes
     assert sum(os.path.getsize(c) for c in chunks) == want
+
+
+def test_plan_of_append_runs(tiny, texts, tmp_path):
+    """append configs are planned as what they add; the store being grown is not refused as foreign output."""
+    out = tmp_path / "store"
+    extract_local(tiny("gpt2"), out, [H0], texts[:5], context_length=32, shard_tokens=512, batch_size=8)
+    before, _ = _du(out)
+    cfg = {**_cfg(tiny, texts, out), "hooks": [H1], "append": "hooks"}
+    res = plan(cfg, calibrate=False)
+    assert res["ok"] and res["append"] == "hooks"
+    actstore.extract(cfg)
+    added = _du(out)[0] - before
+    assert res["hooks"][H1]["array_bytes"] <= added <= res["total_bytes"]  # new arrays exact, the rest a bound
+    more = {**_cfg(tiny, texts[5:8], out), "hooks": [H0, H1], "corpus": texts[5:8], "append": "tokens"}
+    res = plan(more, calibrate=False)
+    assert res["append"] == "tokens" and res["documents"] == 3
+
+
+def test_plan_counts_token_outputs(tiny, texts, tmp_path):
+    base = _cfg(tiny, texts, tmp_path / "s")
+    a = plan(base, calibrate=False)
+    b = plan({**base, "token_outputs": {"topk": 4}}, calibrate=False)
+    assert b["token_outputs_bytes"] == a["tokens"] * (4 + 8 * 4)
+    # the rest differs only by the config recorded in manifest.json
+    assert 0 <= b["total_bytes"] - a["total_bytes"] - b["token_outputs_bytes"] < 200 and b["bytes_are_upper_bound"]
