@@ -19,6 +19,16 @@ Activations (`act`):
 - jumprelu:  z * H(z - theta) with a learned per-latent threshold, trained through straight-through estimators
              with a rectangle kernel and an L0 penalty (Rajamanoharan et al. 2024, Gemma Scope).
 
+Sparse training path (topk / batchtopk): `training_loss` runs one dense GEMM, the encoder pre-activations needed
+to choose the active latents, and then works on the chosen (token, latent) entries only, the way eai-sparsify
+does: the decoder is an `embedding_bag` over the active rows of W_dec, and `_EncodeSelected` gives the encoder
+a backward that scatters each entry's gradient into its W_enc column (a sparse (d_sae, n) x (n, d_in) product)
+instead of the dense x.T @ dz. AuxK's dead latents are handled the same way. This replaces five (eight with
+AuxK) dense (n, d_in) x (d_in, d_sae)-sized GEMMs per step with one plus O(k * d_in) work per token; the
+results equal the dense computation (`training_loss(..., sparse=False)`) up to float rounding. The selection
+GEMM may run in bfloat16 (`select_dtype`): it then only decides *which* latents are active (near-ties at the
+k-th value may fall either way); their values and every gradient are recomputed in float32.
+
 Loss units (why they are what they are): the trainer feeds inputs scaled to mean L2 norm sqrt(d), so the
 reconstruction term `mean ||x - x_hat||^2 / d_out` is O(1) whatever the width, L1 is divided by sqrt(d_out)
 (a latent's activation measured in units of the token norm), and L0 is a plain count. The same coefficients
@@ -28,10 +38,12 @@ therefore mean the same trade-off at d_in = 64 and d_in = 4096.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Architecture = Literal["topk", "batchtopk", "relu", "jumprelu"]
@@ -196,7 +208,9 @@ class SparseAutoencoder(nn.Module):
             w_dec *= RELU_DEC_INIT_NORM
         # W_enc = W_dec^T (Gao et al., Conerly et al.): latents start as matched filters of their directions.
         if d_in == d_out:
-            w_enc = w_dec.T.clone()
+            # contiguous(), not clone(): a clone keeps the transposed (column-major) strides, which the fused
+            # Adam step must copy around on every step.
+            w_enc = w_dec.T.contiguous()
         else:
             w_enc = torch.randn(d_in, d_sae, generator=gen)
             w_enc /= w_enc.norm(dim=0, keepdim=True)
@@ -264,11 +278,16 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------ training
     def training_loss(self, x_in: Tensor, x_out: Tensor, sparsity_scale: float = 1.0,
-                      dead: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                      dead: Tensor | None = None, sparse: bool = True,
+                      select_dtype: torch.dtype = torch.float32) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss on one batch (normalised units) and detached statistics: rec, sparsity, aux, l0, fired.
 
         `sparsity_scale` multiplies the L1/L0 coefficient (the trainer's warm-up); `dead` (d_sae bool)
-        marks latents that have not fired for a while, which AuxK then trains on the residual."""
+        marks latents that have not fired for a while, which AuxK then trains on the residual. topk and
+        batchtopk use the sparse path (module docstring) unless `sparse=False`, the dense reference;
+        `select_dtype` is the dtype of the sparse path's selection GEMM."""
+        if sparse and self.cfg.architecture in ("topk", "batchtopk"):
+            return self._sparse_training_loss(x_in, x_out, dead, select_dtype)
         z = self.pre_acts(x_in)
         f = self.activate(z)
         x_hat = self.decode(f, x_in)
@@ -276,11 +295,48 @@ class SparseAutoencoder(nn.Module):
         sparsity = self._sparsity_loss(z, f) * (self.cfg.sparsity_coefficient * sparsity_scale)
         aux = self._auxk_loss(z, x_out - x_hat, dead)
         if self.cfg.architecture == "batchtopk":
-            self._update_running_threshold(f)
+            self._update_running_threshold(f[f > 0])
         active = f.detach() != 0
         stats = {"rec": rec.detach(), "sparsity": sparsity.detach(), "aux": aux.detach(),
                  "l0": active.sum(-1).float().mean(), "fired": active.any(0)}
         return rec + sparsity + self.cfg.aux_k_coefficient * aux, stats
+
+    def _sparse_training_loss(self, x_in: Tensor, x_out: Tensor, dead: Tensor | None,
+                              select_dtype: torch.dtype) -> tuple[Tensor, dict[str, Tensor]]:
+        """topk / batchtopk loss touching only the active (and AuxK) entries; equals the dense path."""
+        cfg = self.cfg
+        n = x_in.shape[0]
+        # The encoder input carries no autograd graph: _EncodeSelected returns b_dec's gradient itself.
+        enc_in = x_in if cfg.transcoder else x_in - self.b_dec.detach()
+        with torch.no_grad():
+            z = _select_preacts(enc_in, self.W_enc, self.b_enc, select_dtype)
+            main = _select_topk(z, cfg.k) if cfg.architecture == "topk" else _select_batch_topk(z, cfg.k)
+            aux_sel = _select_dead(z, dead, cfg.aux_k_resolved)
+        del z  # the (n, d_sae) pre-activations are the largest tensor of the step; free them early
+        both = main if aux_sel is None else _concat(main, aux_sel)
+        pre = _EncodeSelected.apply(enc_in, self.W_enc, self.b_enc, None if cfg.transcoder else self.b_dec,
+                                    both.idx, both.tok, both.offsets, both.vals, select_dtype != torch.float32)
+        n_main = main.idx.shape[0]
+        vals = torch.relu(pre[:n_main])
+        x_hat = F.embedding_bag(main.idx, self.W_dec, main.offsets, mode="sum", per_sample_weights=vals)
+        x_hat = x_hat + self.b_dec
+        if cfg.skip:
+            x_hat = x_hat + x_in @ self.W_skip
+        rec = (x_hat - x_out).pow(2).sum(-1).mean() / cfg.d_target
+        aux = pre.new_zeros(())
+        if aux_sel is not None:
+            e = (x_out - x_hat).detach()
+            e_hat = F.embedding_bag(aux_sel.idx, self.W_dec, aux_sel.offsets, mode="sum",
+                                    per_sample_weights=torch.relu(pre[n_main:]))
+            aux = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        kept = vals.detach() > 0
+        if cfg.architecture == "batchtopk":
+            self._update_running_threshold(vals.detach()[kept])
+        fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x_in.device)
+        fired[main.idx[kept]] = True
+        stats = {"rec": rec.detach(), "sparsity": pre.new_zeros(()), "aux": aux.detach(),
+                 "l0": kept.sum().float() / n, "fired": fired}
+        return rec + cfg.aux_k_coefficient * aux, stats
 
     def _sparsity_loss(self, z: Tensor, f: Tensor) -> Tensor:
         arch = self.cfg.architecture
@@ -307,9 +363,9 @@ class SparseAutoencoder(nn.Module):
         return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
 
     @torch.no_grad()
-    def _update_running_threshold(self, f: Tensor) -> None:
-        """Running mean (turning into an EMA after 100 batches) of the smallest activation kept per batch."""
-        kept = f[f > 0]
+    def _update_running_threshold(self, kept: Tensor) -> None:
+        """Running mean (turning into an EMA after 100 batches) of the smallest activation kept per batch
+        (`kept`: the batch's positive activations)."""
         if kept.numel() == 0:
             return
         self.running_threshold_count += 1
@@ -376,3 +432,134 @@ def _batch_topk(z: Tensor, k: int) -> Tensor:
     n_keep = min(k * (z.numel() // z.shape[-1]), flat.numel())
     vals, idx = flat.topk(n_keep, sorted=False)
     return torch.zeros_like(flat).scatter(0, idx, vals).reshape(z.shape)
+
+
+# ------------------------------------------------------------------------------------ sparse training path
+class _Selection(NamedTuple):
+    """Chosen (token, latent) entries, grouped by token in the order `F.embedding_bag` wants."""
+
+    idx: Tensor  # (E,) int64 latent of each entry
+    tok: Tensor  # (E,) int64 token of each entry
+    offsets: Tensor  # (n,) position in idx of each token's first entry (bag offsets)
+    vals: Tensor  # (E,) the entry's pre-activation as computed by the selection GEMM
+
+
+def _select_preacts(enc_in: Tensor, w_enc: Tensor, b_enc: Tensor, dtype: torch.dtype) -> Tensor:
+    """Dense pre-activations used only to choose latents; bfloat16 halves the one big GEMM's cost on CPUs
+    with native bf16 dot products (the chosen entries' values are recomputed in float32 afterwards)."""
+    if dtype == torch.float32:
+        return torch.addmm(b_enc, enc_in, w_enc)
+    return torch.addmm(b_enc.to(dtype), enc_in.to(dtype), w_enc.to(dtype))
+
+
+def _uniform(idx: Tensor, vals: Tensor) -> _Selection:
+    """Selection with the same number of entries (idx.shape[1]) for every token."""
+    n, k = idx.shape
+    dev = idx.device
+    return _Selection(idx.reshape(-1), torch.arange(n, device=dev).repeat_interleave(k),
+                      torch.arange(0, n * k, k, device=dev), vals.reshape(-1))
+
+
+def _select_topk(z: Tensor, k: int) -> _Selection:
+    """The k largest pre-activations of each token (same rule as `_topk`, ReLU applied later)."""
+    vals, idx = z.topk(k, dim=-1, sorted=False)
+    return _uniform(idx, vals)
+
+
+def _select_batch_topk(z: Tensor, k: int) -> _Selection:
+    """The k * n largest pre-activations of the batch (the entries `_batch_topk` keeps), without a top-k
+    over all n * d_sae values, which is ~10x slower than a per-token top-k on CPU.
+
+    Candidates are each token's top c = 4k; the batch's top k * n among them is exact unless some token had
+    all c candidates chosen (its next value might also belong). Then the candidates' k*n-th value is a
+    lower bound of the true threshold, and the exact top k * n is taken among the entries above it."""
+    n, d_sae = z.shape
+    n_keep = k * n
+    c = min(d_sae, 4 * k)
+    cand_vals, cand_idx = z.topk(c, dim=-1, sorted=False)
+    top_vals, pos = cand_vals.reshape(-1).topk(n_keep, sorted=False)
+    tok = torch.div(pos, c, rounding_mode="floor")
+    if c < d_sae and bool((torch.bincount(tok, minlength=n) == c).any()):
+        bound = top_vals.min()
+        tok, lat = (z >= bound).nonzero(as_tuple=True)
+        top_vals, pick = z[tok, lat].topk(n_keep, sorted=False)
+        tok, idx = tok[pick], lat[pick]
+    else:
+        idx = cand_idx.reshape(-1)[pos]
+    # Group entries by token (a stable sort keeps the result deterministic) for embedding_bag's bags.
+    order = torch.argsort(tok, stable=True)
+    tok, idx, top_vals = tok[order], idx[order], top_vals[order]
+    counts = torch.bincount(tok, minlength=n)
+    return _Selection(idx, tok, torch.cumsum(counts, 0) - counts, top_vals)
+
+
+def _select_dead(z: Tensor, dead: Tensor | None, k_aux: int) -> _Selection | None:
+    """AuxK: each token's top-k_aux pre-activations among dead latents (None when AuxK is off or none is
+    dead). Only the dead columns are gathered, so few dead latents cost little."""
+    if dead is None or k_aux == 0:
+        return None
+    dead_idx = dead.nonzero().squeeze(1)
+    if dead_idx.numel() == 0:
+        return None
+    vals, local = z.index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False)
+    return _uniform(dead_idx[local], vals)
+
+
+def _concat(a: _Selection, b: _Selection) -> _Selection:
+    return _Selection(torch.cat([a.idx, b.idx]), torch.cat([a.tok, b.tok]),
+                      torch.cat([a.offsets, b.offsets + a.idx.shape[0]]), torch.cat([a.vals, b.vals]))
+
+
+def _sampled_dot(rows: Tensor, table: Tensor, idx: Tensor, tok: Tensor, offsets: Tensor) -> Tensor:
+    """out[e] = rows[tok[e]] . table[idx[e]] without materialising the (E, d) gathered rows.
+
+    This is embedding_bag's per-sample-weight gradient kernel (the same dot products), which torch exposes
+    only as an aten op; tests check it against the explicit formula."""
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(rows, table, idx, offsets, tok, 0)
+
+
+def _scatter_rows(idx: Tensor, tok: Tensor, weight: Tensor, rows: Tensor, n_out: int) -> Tensor:
+    """out (n_out, d) with out[j] = sum over entries e with idx[e] == j of weight[e] * rows[tok[e]].
+
+    A CSR (n_out, n) x (n, d) product: O(E * d) work and no (E, d) intermediate (sparsify's index_add over
+    gathered rows materialises one, 400 MB at d_in = 768)."""
+    order = torch.argsort(idx, stable=True)
+    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(torch.bincount(idx, minlength=n_out), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the CSR x dense product is all we use
+        warnings.simplefilter("ignore")
+        mat = torch.sparse_csr_tensor(crow, tok[order], weight[order], (n_out, rows.shape[0]),
+                                      check_invariants=False)
+        return mat @ rows
+
+
+class _EncodeSelected(torch.autograd.Function):
+    """Encoder pre-activations of the selected (token, latent) entries, with a backward over them only.
+
+    Inputs: enc_in (n, d_in) without autograd history (for SAEs already x - b_dec), W_enc, b_enc, b_dec or
+    None (SAEs: the encoder input is centred on it), the selection, and whether the selection's values came
+    from a lower-precision GEMM and must be recomputed. Gradients: b_enc[j] = sum of the entry gradients g
+    of latent j; W_enc[:, j] = sum of g * enc_in[token] over those entries (a (d_sae, d_in) scatter; autograd
+    transposes it into W_enc's layout, one (d_in, d_sae) copy, cheaper than storing W_enc column-major, which
+    makes the fused Adam step copy every W_enc-shaped tensor); b_dec = -W_enc @ grad(b_enc), because b_dec
+    shifts every token's input and the encoder is linear in it."""
+
+    @staticmethod
+    def forward(ctx, enc_in: Tensor, w_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None,  # type: ignore[override]
+                idx: Tensor, tok: Tensor, offsets: Tensor, vals: Tensor, recompute: bool) -> Tensor:
+        if recompute:
+            vals = _sampled_dot(enc_in, w_enc.t().contiguous(), idx, tok, offsets) + b_enc[idx]
+        else:
+            vals = vals.clone()
+        ctx.save_for_backward(enc_in, w_enc, idx, tok)
+        ctx.has_b_dec = b_dec is not None
+        return vals
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        enc_in, w_enc, idx, tok = ctx.saved_tensors
+        d_sae = w_enc.shape[1]
+        g_b_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, idx, grad)
+        g_w_enc = _scatter_rows(idx, tok, grad, enc_in, d_sae).t() if ctx.needs_input_grad[1] else None
+        g_b_dec = -(w_enc @ g_b_enc) if ctx.has_b_dec and ctx.needs_input_grad[3] else None
+        return None, g_w_enc, g_b_enc, g_b_dec, None, None, None, None, None

@@ -11,7 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actstore.workers.sae import SAEConfig, SparseAutoencoder, _JumpReLU, _Step, geometric_median
+from actstore.workers.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    _batch_topk,
+    _JumpReLU,
+    _sampled_dot,
+    _scatter_rows,
+    _select_batch_topk,
+    _Step,
+    geometric_median,
+)
 from actstore.workers.sae_metrics import evaluate
 from actstore.workers.sae_train import TrainConfig, train
 from actstore.workers.saelens_export import load_saelens, save_saelens
@@ -170,6 +180,92 @@ def test_decoder_gradient_projection_and_renormalisation():
         sae.W_dec.mul_(3.0)
     sae.normalize_decoder_()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(20))
+
+
+# ------------------------------------------------------------------------------- sparse training path
+def _perturbed_pair(cfg: SAEConfig) -> tuple[SparseAutoencoder, SparseAutoencoder]:
+    """Two identical SAEs with non-trivial biases (so b_dec's path through the encoder is exercised)."""
+    sae = SparseAutoencoder(cfg, seed=1)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return sae, copy.deepcopy(sae)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("dead_fraction", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("kind", ["sae", "skip_transcoder"])
+def test_sparse_path_equals_dense_reference(arch, dead_fraction, kind):
+    transcoder = kind == "skip_transcoder"
+    cfg = SAEConfig(d_in=12, architecture=arch, expansion=6, k=3, aux_k=5, transcoder=transcoder,
+                    skip=transcoder, d_out=10 if transcoder else None)
+    sparse, dense = _perturbed_pair(cfg)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 12, generator=gen)
+    y = torch.randn(64, cfg.d_target, generator=gen) if transcoder else x
+    dead = torch.rand(cfg.d_sae, generator=gen) < dead_fraction
+    loss_s, stats_s = sparse.training_loss(x, y, dead=dead)
+    loss_d, stats_d = dense.training_loss(x, y, dead=dead, sparse=False)
+    torch.testing.assert_close(loss_s, loss_d)
+    for key in ("rec", "aux", "l0"):
+        torch.testing.assert_close(stats_s[key], stats_d[key])
+    assert torch.equal(stats_s["fired"], stats_d["fired"])
+    if dead_fraction > 0:
+        assert float(stats_s["aux"]) > 0  # AuxK really ran
+    loss_s.backward()
+    loss_d.backward()
+    for (name, p_s), p_d in zip(sparse.named_parameters(), dense.parameters(), strict=True):
+        assert p_s.grad is not None, name
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-5, atol=1e-6, msg=name)
+    if arch == "batchtopk":
+        torch.testing.assert_close(sparse.running_threshold, dense.running_threshold)
+
+
+def test_batch_topk_selection_is_exact_with_a_dominant_token():
+    """One huge token takes more than the 4k per-token candidates: the exact fallback must kick in."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(32, 64, generator=gen)
+    z[4] = z[4].abs() * 100
+    sel = _select_batch_topk(z, k=2)
+    assert int((sel.tok == 4).sum()) > 8  # more than c = 4k entries from one token
+    f = torch.zeros_like(z)
+    f[sel.tok, sel.idx] = torch.relu(sel.vals)
+    assert torch.equal(f, _batch_topk(z, 2))
+    assert torch.equal(sel.offsets, torch.cumsum(torch.bincount(sel.tok, minlength=32), 0)
+                       - torch.bincount(sel.tok, minlength=32))
+
+
+def test_sparse_kernels_match_their_dense_formulas():
+    gen = torch.Generator().manual_seed(4)
+    rows, table = torch.randn(20, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    idx, tok = torch.randint(0, 30, (100,), generator=gen), torch.randint(0, 20, (100,), generator=gen)
+    weight = torch.randn(100, generator=gen)
+    dots = _sampled_dot(rows, table, idx, tok, torch.arange(20))
+    torch.testing.assert_close(dots, (rows[tok] * table[idx]).sum(-1))
+    expected = torch.zeros(30, 8).index_add_(0, idx, weight[:, None] * rows[tok])
+    torch.testing.assert_close(_scatter_rows(idx, tok, weight, rows, 30), expected)
+
+
+def test_bf16_selection_keeps_float32_values_and_gradients():
+    """With a bf16 selection GEMM, the chosen entries' values and gradients are still the float32 ones."""
+    cfg = SAEConfig(d_in=16, expansion=4, k=4)
+    sparse, dense = _perturbed_pair(cfg)
+    x = torch.randn(128, 16, generator=torch.Generator().manual_seed(5))
+    loss_s, _ = sparse.training_loss(x, x, select_dtype=torch.bfloat16)
+    loss_s.backward()
+    # Dense float32 reference on exactly the latents the bf16 selection GEMM picks.
+    z = dense.pre_acts(x)
+    with torch.no_grad():
+        z_bf16 = torch.addmm(dense.b_enc.bfloat16(), (x - dense.b_dec).bfloat16(), dense.W_enc.bfloat16())
+        sel = z_bf16.topk(4, dim=-1, sorted=False).indices
+    f_ref = torch.zeros_like(z).scatter(-1, sel, torch.relu(z.gather(-1, sel)))
+    x_hat = dense.decode(f_ref)
+    loss_d = (x_hat - x).pow(2).sum(-1).mean() / 16
+    loss_d.backward()
+    torch.testing.assert_close(loss_s, loss_d)
+    for (name, p_s), p_d in zip(sparse.named_parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p_s.grad, p_d.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_jumprelu_straight_through_gradients():
