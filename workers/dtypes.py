@@ -25,14 +25,24 @@ def to_storage(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, int]:
     target = TORCH_DTYPES[dtype]
     conv = t.detach().to(target)
     overflow = 0
-    if dtype == "float16" and t.dtype != torch.float16:
-        # An entry overflowed when it became inf in float16 but was finite before.
+    if dtype == "float16" and t.dtype != torch.float16 and t.numel() and _may_overflow(t):
+        # An entry overflowed when it became inf in float16 but was finite before (counted only when the
+        # cheap range check fires: the two full boolean tensors are the rare path).
         bad = torch.isinf(conv) & torch.isfinite(t)
         overflow = int(bad.sum())
     if dtype == "bfloat16":
         conv = conv.view(torch.int16)
     arr = conv.cpu().numpy()
     return arr.view(NUMPY_STORED[dtype]), overflow
+
+
+def _may_overflow(t: torch.Tensor) -> bool:
+    """One min/max reduction, no temporaries: False only when every entry is within float16's finite range.
+
+    Written as `not (in range)` so a nan (which fails every comparison) also sends the tensor to the exact count.
+    """
+    lo, hi = torch.aminmax(t.detach())
+    return not (bool(hi <= FLOAT16_MAX) and bool(lo >= -FLOAT16_MAX))
 
 
 def decode(stored: np.ndarray, dtype: str) -> np.ndarray:

@@ -71,7 +71,9 @@ def chunk_rows(n: int, d: int, itemsize: int) -> int:
 
 
 def sha256_array(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    """SHA-256 of the array's C-order bytes, hashed in place (no `tobytes` copy; hashlib releases the GIL)."""
+    data = np.ascontiguousarray(arr)
+    return hashlib.sha256(data.reshape(-1).view(np.uint8) if data.size else b"").hexdigest()
 
 
 def _codecs(compression: str) -> list | None:
@@ -165,10 +167,13 @@ def _stats_bytes(tokens: pa.Table, arrays: dict, specs: list[ArraySpec], overflo
     keep = ~tokens.column("special").to_numpy(zero_copy_only=False).astype(bool)
     tensors: dict[str, np.ndarray] = {}
     for spec in specs:
-        rows = decode(arrays[spec.name], spec.dtype)[keep]
-        # inf rows only exist with on_overflow: inf; they are counted as overflow, not averaged into stats
-        rows = rows[np.isfinite(rows).all(axis=1)] if spec.dtype == "float16" else rows
-        tensors.update(HookStats.from_rows(rows, overflow.get(spec.name, 0)).to_tensors(f"{spec.name}/"))
+        # Rows are selected and decoded chunk by chunk inside from_rows: no full copy of the array.
+        # inf rows only exist with on_overflow: inf; they are counted as overflow, not averaged into stats.
+        st = HookStats.from_rows(
+            arrays[spec.name], overflow.get(spec.name, 0), keep=None if keep.all() else keep,
+            finite_only=spec.dtype == "float16", decode=lambda part, dt=spec.dtype: decode(part, dt),
+        )
+        tensors.update(st.to_tensors(f"{spec.name}/"))
     # One metadata key: safetensors writes metadata in hash-map order, which would make the bytes vary.
     meta = json.dumps({"format": "actstore-shard-stats-v1", "hooks": [s.name for s in specs]})
     return st_save(tensors, metadata={"actstore": meta})

@@ -3,11 +3,21 @@
 Computed in float64 over the *stored* values of non-special tokens, so merged results equal numpy statistics
 of the stored array restricted to the same rows. Token-norm quantiles come from a fixed log-spaced histogram
 (mergeable; relative error bounded by one bin width, ~1.4%) because exact quantiles cannot be merged in O(d).
+
+Speed and reproducibility: rows are converted to float64 a small chunk at a time into a reused, 64-byte
+aligned scratch buffer that stays in the CPU cache while every statistic reads it (one pass over the stored
+bytes, no full float64 copy). Every floating-point reduction has a fixed order that depends only on the
+shape: column sums add rows one after another (element-wise adds), token norms use numpy's pairwise sum
+over one row (fixed 8-way unrolled order) and the total uses the exactly rounded fsum; no FMA-contracting
+kernels (einsum, BLAS) and no multi-threaded reductions. So the bytes are the same in every process, for
+any memory alignment of the input and on any x86/ARM SIMD width, which is what lets a Ray run and a local
+run write identical stats files.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -16,7 +26,10 @@ import numpy as np
 NORM_EDGES = np.logspace(-4, 8, 1025)
 MASSIVE_ABS = 100.0  # |x| above this ...
 MASSIVE_RATIO = 1000.0  # ... and above this multiple of the token's median |x| is a "massive activation"
-_BLOCK = 8192  # rows per float64 block: bounds the temporary memory
+# float64 elements per chunk: 512 KiB of scratch (x2) stays in L2; fewer, larger chunks cost cache misses,
+# smaller ones Python overhead. At most 255 rows so per-chunk counts fit uint8 (a fast, cast-free reduction).
+_CHUNK_ELEMS = 1 << 16
+_CHUNK_MAX_ROWS = 255
 
 
 @dataclass
@@ -42,13 +55,25 @@ class HookStats:
                    np.zeros(len(NORM_EDGES) + 1, np.int64), 0.0)
 
     @classmethod
-    def from_rows(cls, x: np.ndarray, overflow: int = 0) -> HookStats:
-        """Statistics of rows `x` (n, d) — callers pass only the rows that count (non-special tokens)."""
-        out = cls.empty(x.shape[1])
-        for start in range(0, x.shape[0], _BLOCK):
-            out = out.merge(_block_stats(np.asarray(x[start:start + _BLOCK], dtype=np.float64)))
-        out.overflow = overflow
-        return out
+    def from_rows(
+        cls, x: np.ndarray, overflow: int = 0, *, keep: np.ndarray | None = None, finite_only: bool = False,
+        decode: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> HookStats:
+        """Statistics of the rows of `x` (n, d) that count.
+
+        keep: boolean row mask (e.g. non-special tokens; None: all rows). finite_only: also skip rows holding
+        inf or nan (float16 overflow stored as inf). decode: maps stored rows to numbers (bfloat16 bits),
+        applied chunk by chunk so no decoded copy of the whole array is made.
+        """
+        n, d = x.shape
+        rows = max(1, min(_CHUNK_MAX_ROWS, _CHUNK_ELEMS // max(d, 1)))
+        idx = np.flatnonzero(keep) if keep is not None else None
+        total = n if idx is None else len(idx)
+        acc = _Accumulator(d, rows)
+        for start in range(0, total, rows):
+            part = x[start:start + rows] if idx is None else x[idx[start:start + rows]]
+            acc.add(part if decode is None else decode(part), finite_only)
+        return acc.result(overflow)
 
     def merge(self, other: HookStats) -> HookStats:
         """Exact combination of two disjoint row sets."""
@@ -119,25 +144,77 @@ class HookStats:
         return cls(**kw)
 
 
-def _block_stats(x: np.ndarray) -> HookStats:
-    n, d = x.shape
-    mean = x.mean(axis=0) if n else np.zeros(d)
-    ax = np.abs(x)
-    # Bit-reproducible reductions: numpy's SIMD/pairwise sums along a *contiguous* axis depend on memory
-    # alignment, which varies between runs. Squares are laid out column-major so the per-row sum runs over
-    # the non-contiguous axis (plain sequential adds), and the scalar total uses the exactly rounded fsum.
-    norms = np.sqrt(np.square(x, order="F").sum(axis=1))
-    big = ax > MASSIVE_ABS
-    massive = np.zeros(d, np.int64)
-    rows = np.flatnonzero(big.any(axis=1))
-    if rows.size:  # the per-token median is only needed where something is large
-        med = np.median(ax[rows], axis=1, keepdims=True)
-        massive = (big[rows] & (ax[rows] > MASSIVE_RATIO * med)).sum(axis=0)
-    return HookStats(
-        n, mean, ((x - mean) ** 2).sum(axis=0), ax.max(axis=0, initial=0.0), (x == 0).sum(axis=0),
-        (x > 0).sum(axis=0), massive.astype(np.int64), big.sum(axis=0),
-        np.bincount(np.searchsorted(NORM_EDGES, norms), minlength=len(NORM_EDGES) + 1), math.fsum(norms.tolist()),
-    )
+def _scratch(rows: int, d: int, align: int = 64) -> np.ndarray:
+    """A (rows, d) float64 buffer starting on an `align`-byte boundary, so SIMD kernels see the same layout
+    in every process (numpy's own allocations are only 16-byte aligned)."""
+    nbytes = rows * d * 8
+    raw = np.empty(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes].view(np.float64).reshape(rows, d)
+
+
+class _Accumulator:
+    """Running statistics over chunks of rows; chunks are merged with Chan's formula in a fixed order."""
+
+    def __init__(self, d: int, rows: int) -> None:
+        self.n = 0
+        self.mean, self.m2 = np.zeros(d), np.zeros(d)
+        self.hi, self.lo = np.zeros(d), np.zeros(d)  # column max / min (start at 0, like max|x| of no rows)
+        self.zero, self.fire = np.zeros(d, np.int64), np.zeros(d, np.int64)
+        self.big, self.massive = np.zeros(d, np.int64), np.zeros(d, np.int64)
+        self.norms: list[np.ndarray] = []
+        self.buf, self.sq = _scratch(rows, d), _scratch(rows, d)
+
+    def add(self, part: np.ndarray, finite_only: bool) -> None:
+        c = self.buf[:len(part)]
+        np.copyto(c, part)  # the one float64 conversion; everything below reads the cached chunk
+        # token norms: exact squares, then a per-row pairwise sum (order fixed by d alone)
+        sq = np.add.reduce(np.multiply(c, c, out=self.sq[:len(c)]), axis=1)
+        if finite_only and not np.isfinite(sq).all():  # a row's sum of squares is finite iff all its values are
+            ok = np.isfinite(sq)
+            c, sq = self.buf[:int(ok.sum())], sq[ok]
+            c[:] = part[ok]  # compact in place: stays in the aligned buffer
+        m = len(c)
+        if m == 0:
+            return
+        self.norms.append(np.sqrt(sq))
+        hi, lo = c.max(axis=0), c.min(axis=0)
+        np.maximum(self.hi, hi, out=self.hi)
+        np.minimum(self.lo, lo, out=self.lo)
+        if not (np.maximum(hi, -lo) <= MASSIVE_ABS).all():  # rare: something large (or nan) in this chunk
+            self._large(c)
+        # <= 255 rows: count in uint8 without a cast, then widen
+        self.zero += np.add.reduce((c == 0).view(np.uint8), axis=0, dtype=np.uint8)
+        self.fire += np.add.reduce((c > 0).view(np.uint8), axis=0, dtype=np.uint8)
+        self._merge_moments(c, m)
+
+    def _merge_moments(self, c: np.ndarray, m: int) -> None:
+        """Exact two-pass mean/M2 of the chunk (it is in cache), merged into the running totals (Chan)."""
+        mu = np.add.reduce(c, axis=0) / m
+        np.subtract(c, mu, out=c)
+        m2 = np.add.reduce(np.multiply(c, c, out=c), axis=0)
+        tot = self.n + m
+        delta = mu - self.mean
+        self.mean += delta * (m / tot)
+        self.m2 += m2 + delta * delta * (self.n * m / tot)
+        self.n = tot
+
+    def _large(self, c: np.ndarray) -> None:
+        ax = np.abs(c)
+        big = ax > MASSIVE_ABS
+        self.big += big.sum(axis=0)
+        rows = np.flatnonzero(big.any(axis=1))
+        if rows.size:  # the per-token median is only needed where something is large
+            med = np.median(ax[rows], axis=1, keepdims=True)
+            self.massive += (big[rows] & (ax[rows] > MASSIVE_RATIO * med)).sum(axis=0)
+
+    def result(self, overflow: int) -> HookStats:
+        norms = np.concatenate(self.norms) if self.norms else np.zeros(0)
+        return HookStats(
+            self.n, self.mean, self.m2, np.maximum(self.hi, -self.lo) + 0.0, self.zero, self.fire, self.massive,
+            self.big, np.bincount(np.searchsorted(NORM_EDGES, norms), minlength=len(NORM_EDGES) + 1),
+            math.fsum(norms.tolist()), overflow,  # fsum: exactly rounded, independent of order
+        )
 
 
 def _finite(d: dict[str, float | int]) -> dict[str, float | int | None]:
