@@ -76,8 +76,10 @@ def _fsb_numpy(table: Any, d: int) -> np.ndarray:
 
 
 def _materialize(a: np.ndarray) -> np.ndarray:
-    """Bytes in RAM: a memory-mapped result (lazy until touched) is copied, an in-memory one kept as it is."""
-    return np.array(a) if isinstance(a, np.memmap) or not a.flags.owndata and isinstance(a.base, np.memmap) else a
+    """Bytes in RAM: a memory-mapped result (lazy until touched; read-only views of a map included) is copied,
+    an in-memory one kept as it is."""
+    mapped = isinstance(a, np.memmap) or not a.flags.writeable or not a.flags.owndata and isinstance(a.base, np.memmap)
+    return np.array(a) if mapped else a
 
 
 def _repeat(fn, reps: int):

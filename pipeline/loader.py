@@ -47,43 +47,51 @@ class ActivationLoader:
         rng = np.random.default_rng([self.seed, self.epoch])
         blocks = self.blocks()
         order = rng.permutation(len(blocks)) if self.shuffle else np.arange(len(blocks))
-        carry: list[np.ndarray] | None = None
+        # One buffer per hook, reused for every window: carried rows sit at its front and the next window is
+        # read right after them, so each row is copied once on the way in and once into its batch (no
+        # concatenations, no fresh page-faulted buffers per window). A window stops at the first block that
+        # reaches `buffer_rows`, and the carry is shorter than a batch, which bounds the size.
+        longest = max((b - a for _, a, b in blocks), default=0)
+        bufs = [np.empty((self.buffer_rows + longest + self.batch_size, self.store.manifest.hook(h).d), np.float32)
+                for h in self.hooks]
         window: list[tuple[int, int, int]] = []
-        size = 0
+        size = carried = 0
         for j in order:
             window.append(blocks[j])
             size += blocks[j][2] - blocks[j][1]
             if size >= self.buffer_rows:
-                carry = yield from self._emit(window, carry, rng, final=False)
+                carried = yield from self._emit(bufs, carried, window, rng, final=False)
                 window, size = [], 0
-        yield from self._emit(window, carry, rng, final=True)
+        yield from self._emit(bufs, carried, window, rng, final=True)
 
-    def _emit(self, window, carry, rng, final: bool):
-        data = self._read(window)
-        if carry is not None:
-            data = [np.concatenate([c, d]) for c, d in zip(carry, data)]
-        n = len(data[0])
+    def _emit(self, bufs: list[np.ndarray], carried: int, window, rng, final: bool):
+        """Batches from the carried rows plus `window`; returns how many rows it carried to the buffer front."""
+        n = self._read(bufs, carried, window)
         perm = rng.permutation(n) if self.shuffle else np.arange(n)
         full = n - n % self.batch_size
         for s in range(0, full, self.batch_size):
-            yield self._batch([d[perm[s:s + self.batch_size]] for d in data])
-        rest = [d[perm[full:]] for d in data]
+            idx = perm[s:s + self.batch_size]
+            yield self._batch([np.take(b, idx, axis=0) for b in bufs])  # a copy: the buffer can be reused
+        rest = perm[full:]
         if final:
-            if len(rest[0]) and not self.drop_last:
-                yield self._batch(rest)
-            return None
-        return rest
+            if len(rest) and not self.drop_last:
+                yield self._batch([np.take(b, rest, axis=0) for b in bufs])
+            return 0
+        for b in bufs:
+            b[:len(rest)] = b[rest]  # fancy indexing copies before the assignment, so overlap is safe
+        return len(rest)
 
-    def _read(self, window) -> list[np.ndarray]:
-        cols = []
-        for h in self.hooks:
-            parts = [self.store.read_rows(h, i, a, b) for i, a, b in window]
-            cols.append(np.concatenate(parts).astype(np.float32, copy=False) if parts else
-                        np.zeros((0, self.store.manifest.hook(h).d), np.float32))
-        if self.skip_special and window:
-            keep = np.concatenate([self._special(i)[a:b] for i, a, b in window]) == 0
-            cols = [c[keep] for c in cols]
-        return cols
+    def _read(self, bufs: list[np.ndarray], pos: int, window) -> int:
+        """Read the window's rows (minus special tokens if asked) into the buffers from row `pos`; returns the
+        new row count. Decoding and the cast to float32 happen in the same copy."""
+        for i, a, b in window:
+            keep = (self._special(i)[a:b] == 0) if self.skip_special else None
+            m = int(keep.sum()) if keep is not None else b - a
+            for h, buf in zip(self.hooks, bufs):
+                rows = self.store.read_rows(h, i, a, b)
+                np.copyto(buf[pos:pos + m], rows if keep is None else rows[keep], casting="unsafe")
+            pos += m
+        return pos
 
     def _special(self, shard_index: int) -> np.ndarray:
         cache = self.__dict__.setdefault("_special_cache", {})
@@ -93,5 +101,5 @@ class ActivationLoader:
         return cache[shard_index]
 
     def _batch(self, cols: list[np.ndarray]) -> Any:
-        tensors = [torch.from_numpy(np.ascontiguousarray(c)) for c in cols]
+        tensors = [torch.from_numpy(c) for c in cols]
         return tensors[0] if self.single else dict(zip(self.hooks, tensors))

@@ -10,12 +10,42 @@ chunks that equal the fill value), so they read as zeros.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
+# Open chunk maps shared by every reader: re-mapping a chunk per read (np.memmap: open, fstat, mmap) cost more
+# than copying a 4 MiB chunk out of the page cache. Bounded because each map keeps a file descriptor open.
+_MAX_MAPS = 64
+_maps: OrderedDict[tuple, mmap.mmap] = OrderedDict()
+_maps_lock = threading.Lock()
+
+
+def _chunk_map(fname: str) -> mmap.mmap | None:
+    """A read-only map of a chunk file (cached by path, inode, size and mtime), or None if it does not exist."""
+    try:
+        st = os.stat(fname)
+    except FileNotFoundError:
+        return None
+    key = (fname, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _maps_lock:
+        m = _maps.get(key)
+        if m is not None:
+            _maps.move_to_end(key)
+            return m
+    with open(fname, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None
+    if m is not None:
+        with _maps_lock:
+            _maps[key] = m
+            while len(_maps) > _MAX_MAPS:
+                _maps.popitem(last=False)  # arrays still viewing an evicted map keep it alive
+    return m
 
 
 class RawChunkArray:
@@ -65,10 +95,10 @@ class RawChunkArray:
         d, stop = self.shape[1], min(stop, self.shape[0])
         c = start // self.rows
         if stop > start and (stop - 1) // self.rows == c:
-            fname = os.path.join(self.path, "c", str(c), "0")
-            if os.path.exists(fname):
-                n_rows = min(self.rows, self.shape[0] - c * self.rows)
-                mm = np.memmap(fname, dtype=self.dtype, mode="r", shape=(n_rows, d))
+            m = _chunk_map(os.path.join(self.path, "c", str(c), "0"))
+            n_rows = min(self.rows, self.shape[0] - c * self.rows)
+            if m is not None and len(m) == n_rows * d * self.dtype.itemsize:
+                mm = np.frombuffer(m, self.dtype).reshape(n_rows, d)  # read-only view, no copy
                 return mm[start - c * self.rows:stop - c * self.rows]
         out = np.empty((max(0, stop - start), d), self.dtype)
         row = start

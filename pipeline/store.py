@@ -123,11 +123,12 @@ class Store(ConsumersMixin):
         return cache[shard_index, hook]
 
     # ---- tables ---------------------------------------------------------------------------------------------
-    def shard_tokens(self, shard_index: int) -> pa.Table:
+    def shard_tokens(self, shard_index: int, columns: list[str] | None = None) -> pa.Table:
+        """One shard's token index (optionally only some columns: Parquet reads just those)."""
         info = self.manifest.shards[shard_index]
         path = storage.join(shard_path(self.root, info.id), "tokens.parquet")
         raw = storage.with_retries(lambda: self.fs.cat_file(path), f"reading {path}")
-        return pq.read_table(pa.BufferReader(raw))
+        return pq.read_table(pa.BufferReader(raw), columns=columns)
 
     def tokens(self) -> pa.Table:
         """Token index: token_id, doc_id, seq_id, position, special — one row per stored token, in row order."""
@@ -149,11 +150,18 @@ class Store(ConsumersMixin):
     def docs(self) -> pa.Table:
         """One row per corpus document: doc_id plus every metadata/label field."""
         with self.fs.open(storage.join(self.root, "docs.parquet"), "rb") as f:
-            return pq.read_table(f)
+            table = pq.read_table(f)
+        # An `append: tokens` that stopped just before its manifest commit leaves a grown docs.parquet (the
+        # committed rows come first, unchanged): show only the documents this manifest holds.
+        return table.slice(0, self.manifest.n_docs) if table.num_rows > self.manifest.n_docs else table
 
     def special_mask(self) -> np.ndarray:
         """Boolean per stored row: True for special tokens (BOS/CLS/SEP/EOS/padding ids)."""
-        return self.tokens().column("special").to_numpy(zero_copy_only=False).astype(bool)
+        # only the one column is decoded (the full token index costs ~10x more to read)
+        cols = [self.shard_tokens(i, ["special"]).column("special") for i in range(len(self.manifest.shards))]
+        if not cols:
+            return np.zeros(0, bool)
+        return np.concatenate([c.to_numpy(zero_copy_only=False) for c in cols]).astype(bool)
 
     def stats(self, hook: str) -> HookStats:
         """Merged per-dimension statistics of a hook (non-special tokens)."""
@@ -161,7 +169,14 @@ class Store(ConsumersMixin):
 
         self.manifest.hook(hook)
         raw = self.fs.cat_file(storage.join(self.root, "stats", hook, "stats.safetensors"))
-        return HookStats.from_tensors(st_load(raw), "")
+        st = HookStats.from_tensors(st_load(raw), "")
+        if st.n != self.manifest.stats.get(hook, {}).get("n_tokens", st.n):
+            # Written for a grown store by an append that stopped before its manifest commit: merge the
+            # committed shards' own statistics instead (exactly what finalize computes).
+            from actstore.pipeline.finalize import merged_stats
+
+            st = merged_stats(self.fs, self.root, [s.id for s in self.manifest.shards], [hook])[hook]
+        return st
 
     # ---- checking ----------------------------------------------------------------------------------------
     def verify(self) -> Any:

@@ -194,6 +194,11 @@ def test_interrupted_append_tokens_resumes(base, tmp_path, tiny, texts, monkeypa
         extract_local(tiny("gpt2"), out, OLD, more, append="tokens", **KW)
     n_new = len(clean.manifest.shards) - len(append_mod.open_store(str(out)).manifest.shards)
     assert calls.count(2) == n_new - 1  # committed new shards were skipped
+    # docs.parquet and stats/ already describe the grown store; readers still see the committed one
+    old, now = append_mod.open_store(str(base)), append_mod.open_store(str(out))
+    assert now.docs().equals(old.docs())
+    ref, got = old.stats(OLD[0]), now.stats(OLD[0])
+    assert got.n == ref.n and np.array_equal(got.mean, ref.mean) and np.array_equal(got.m2, ref.m2)
     monkeypatch.undo()
     resumed = extract_local(tiny("gpt2"), out, OLD, more, append="tokens", **KW)
     assert resumed.manifest.shards == clean.manifest.shards

@@ -23,6 +23,44 @@ def test_eigenvalues_equal_numpy(tmp_path):
     assert res.metrics["n_samples"] == int((~special).sum())
 
 
+def _offset_store(tmp_path, n=6000, d=32):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((n, d)) * np.linspace(0.2, 2, d) + 3 + rng.standard_normal(d)).astype(np.float16)
+    special = np.zeros(n, bool)
+    special[::13] = True
+    store = actstore.from_arrays({"blocks.0.hook_resid_post": x}, str(tmp_path / "o"), shard_tokens=2500,
+                                 tokens={"special": special})
+    ref = np.linalg.eigvalsh(np.cov(x[~special].astype(np.float64), rowvar=False))[::-1]
+    return store, ref
+
+
+def test_many_small_tasks_add_up_exactly(tmp_path, monkeypatch):
+    """Several blocks per shard (flat reduction of partials around one shift) give the same covariance."""
+    from actstore.pipeline import spectra
+
+    store, ref = _offset_store(tmp_path)
+    monkeypatch.setattr(spectra, "_TASK_BYTES", 1)  # one Zarr chunk per task
+    res = actstore.spectrum(store, "blocks.0.hook_resid_post")
+    np.testing.assert_allclose(res.eigenvalues, ref, rtol=1e-9)
+    _, _, n = spectra.covariance(store, "blocks.0.hook_resid_post", max_tokens=3000)
+    assert n == int((~store.special_mask()[:3000]).sum())
+
+
+def test_float32_precision_close_to_float64(tmp_path):
+    """precision="float32": float32 block products, float64 accumulation; eigenvalues stay close."""
+    store, ref = _offset_store(tmp_path)
+    res = actstore.spectrum(store, "blocks.0.hook_resid_post", precision="float32")
+    np.testing.assert_allclose(res.eigenvalues, ref, rtol=1e-4, atol=1e-6 * ref[0])
+    with pytest.raises(ValueError, match="precision"):
+        actstore.spectrum(store, "blocks.0.hook_resid_post", precision="float16")
+
+
+def test_special_mask_matches_token_index(tmp_path):
+    store, _ = _offset_store(tmp_path)
+    want = store.tokens().column("special").to_numpy(zero_copy_only=False).astype(bool)
+    np.testing.assert_array_equal(store.special_mask(), want)
+
+
 def test_gaussian_has_no_outliers_and_spike_is_found(tmp_path):
     rng = np.random.default_rng(1)
     n, d, sigma = 20000, 64, 1.3

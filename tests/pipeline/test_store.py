@@ -179,3 +179,16 @@ def test_import_isolation():
             "sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_raw_chunk_maps_follow_rewritten_files(tmp_path):
+    """Cached chunk maps are keyed by the file's identity: a rewritten store at the same path reads anew."""
+    import shutil
+
+    path = str(tmp_path / "re")
+    for value in (1.0, 2.0):
+        shutil.rmtree(path, ignore_errors=True)
+        x = np.full((3000, 8), value, np.float32)
+        store = actstore.from_arrays({"blocks.0.hook_resid_post": x}, path, shard_tokens=3000)
+        np.testing.assert_array_equal(store.read_rows("blocks.0.hook_resid_post", 0, 0, 10), x[:10])
+        np.testing.assert_array_equal(store.activations("blocks.0.hook_resid_post").compute(), x)

@@ -310,3 +310,19 @@ def test_module_does_not_import_ray_or_dask():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_float32_precision_accumulator_close_and_shift_option():
+    """Float32 block products with float64 accumulation: near the float64 result; a given shift is used."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((5000, 16)) * np.linspace(0.5, 2, 16) + 40).astype(np.float16)
+    _, c64, _ = CovarianceAccumulator(16).update(x).finalize()
+    acc = CovarianceAccumulator(16, precision="float32", block_rows=256).update(x)
+    _, c32, _ = acc.finalize()
+    assert np.all(acc.shift == acc.shift.astype(np.float16))  # shift on the float16 grid: exact differences
+    np.testing.assert_allclose(np.linalg.eigvalsh(c32), np.linalg.eigvalsh(c64), rtol=1e-5)
+    fixed = CovarianceAccumulator(16).update(x, shift=np.full(16, 40.0))
+    np.testing.assert_array_equal(fixed.shift, np.full(16, 40.0))
+    np.testing.assert_allclose(fixed.finalize()[1], c64, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError):
+        CovarianceAccumulator(16, precision="half")
