@@ -101,7 +101,8 @@ def _spectra(args: argparse.Namespace) -> int:
     rows = []
     with dask_client(args.scheduler):
         for h in hooks:
-            res = spectrum(store, h, exclude_special=not args.include_special, tw_margin=args.tw_margin)
+            res = spectrum(store, h, exclude_special=not args.include_special, tw_margin=args.tw_margin,
+                           precision=args.precision)
             if args.out:
                 os.makedirs(args.out, exist_ok=True)
                 save_spectrum(res, os.path.join(args.out, f"spectrum-{h}.json"), h)
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="directory for spectrum-<hook>.json (eigenvalues, outliers, metrics)")
     s.add_argument("--tw-margin", type=float, default=4.0, help="outlier margin in Tracy-Widom scales")
     s.add_argument("--include-special", action="store_true", help="keep BOS/CLS/SEP tokens")
+    s.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                   help="per-block products: float64 (eigenvalues to ~1e-13) or float32 (faster; ~1e-5 per "
+                        "eigenvalue, ~4e-8 of the largest)")
     s.add_argument("--storage-options", help="fsspec options as JSON")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_spectra)

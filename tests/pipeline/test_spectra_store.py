@@ -55,6 +55,21 @@ def test_float32_precision_close_to_float64(tmp_path):
         actstore.spectrum(store, "blocks.0.hook_resid_post", precision="float16")
 
 
+def test_cli_precision_flag(tmp_path, capsys):
+    import json
+
+    from actstore.cli import main
+
+    store, ref = _offset_store(tmp_path)
+    out = {}
+    for p in ("float64", "float32"):
+        assert main(["spectra", store.url, "--precision", p, "--json", "--out", str(tmp_path / p)]) == 0
+        out[p] = json.loads(capsys.readouterr().out)[0]
+        ev = np.array(json.loads((tmp_path / p / "spectrum-blocks.0.hook_resid_post.json").read_text())["eigenvalues"])
+        np.testing.assert_allclose(ev, ref, rtol=1e-9 if p == "float64" else 1e-4, atol=1e-6 * ref[0])
+    assert out["float32"]["n_samples"] == out["float64"]["n_samples"]
+
+
 def test_special_mask_matches_token_index(tmp_path):
     store, _ = _offset_store(tmp_path)
     want = store.tokens().column("special").to_numpy(zero_copy_only=False).astype(bool)
