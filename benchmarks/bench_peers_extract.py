@@ -25,10 +25,7 @@ peers get it tokenized), the statistics, checksums and manifest.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -38,8 +35,8 @@ import numpy as np
 
 from benchmarks.common import (
     CONTEXT,
-    ROOT,
     Ctx,
+    PeerProcess,
     Variant,
     best_ratio,
     exact_docs,
@@ -52,12 +49,12 @@ from benchmarks.common import (
     log,
     md_table,
     median_of,
+    peers_ready,
     per_round,
 )
 
 NAME = "peers_extract"
 TITLE = "3. Extraction vs SAELens' activation cache and TransformerLens `run_with_cache`"
-PEERS = Path(os.environ.get("ACTSTORE_BENCH_PEERS", "/tmp/peers"))
 BATCH, SHARD_TOKENS = 8, 8192
 MID = ["blocks.5.hook_resid_post"]
 FOUR = [f"blocks.{i}.hook_resid_post" for i in (2, 5, 8, 11)]
@@ -134,42 +131,12 @@ def windows_and_rows(docs: list[dict], ctx: Ctx, n_check: int) -> tuple[np.ndarr
 
 
 # ----------------------------------------------------------------------------------------------------- peer
-class Peer:
-    """The long-lived peer process (imports and model build once); each variant sends one JSON command."""
+class Peer(PeerProcess):
+    """The peer process of peer_extract.py; each variant sends one JSON command."""
 
     def __init__(self, windows: Path, threads: int, log_path: Path) -> None:
-        self.log_path = log_path
-        self.err = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [str(PEERS / "bin" / "python"), str(ROOT / "benchmarks" / "peer_extract.py"), "--model",
-             gpt2_small_path(), "--windows", str(windows), "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-                 "TQDM_DISABLE": "1", "PYTHONPATH": ""},
-        )
-        self.hello = self._read()
-        if self.hello is None:
-            self.err.flush()
-            raise RuntimeError(f"peer did not start: {log_path.read_text()[-800:]}")
-
-    def _read(self) -> dict[str, Any] | None:
-        for line in self.proc.stdout:  # libraries may print banners on stdout: skip non-JSON lines
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-        return None
-
-    def call(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        out = self._read()
-        if out is None:
-            raise RuntimeError(f"peer exited: {self.log_path.read_text()[-800:]}")
-        if "error" in out:
-            raise RuntimeError(f"peer: {out['error']}")
-        return out
+        super().__init__("peer_extract.py", ["--model", gpt2_small_path(), "--windows", str(windows),
+                                             "--threads", str(threads)], log_path)
 
     def variant(self, name: str, impl: str, hooks: list[str], tmp: Path) -> Variant:
         def run() -> dict[str, Any]:
@@ -178,22 +145,6 @@ class Peer:
                 cmd["out"] = str(tmp / f"cache-{uuid.uuid4().hex[:8]}")
             return self.call(cmd)
         return name, run
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self.err.close()
-
-
-def peer_status(install: bool) -> str:
-    """'ok' or why the peers cannot run; creates the venv (bench_sae's recipe) when asked and missing."""
-    if not (PEERS / "bin" / "python").exists() and install:
-        from benchmarks.bench_sae import _install_peers
-
-        _install_peers()
-    if not (PEERS / "bin" / "python").exists():
-        return f"no peers venv at {PEERS} (run `benchmarks/run.py --install-peers`, or a full run)"
-    return "ok"
 
 
 def actstore_parity(peer: Peer, rows: dict[str, np.ndarray], n_check: int, tmp: Path) -> dict[str, float]:
@@ -225,7 +176,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     rounds = 1 if ctx.quick else ctx.rounds  # quick: a smoke test of every code path, < 60 s on a quiet box
     out: dict[str, Any] = {"tokens": int(windows.size), "n_seq": len(windows), "batch": BATCH,
                            "shard_tokens": SHARD_TOKENS, "mid": MID, "four": FOUR, "rounds_note": str(rounds)}
-    status = peer_status(bool(ctx.extra.get("install_peers")) or not ctx.quick)
+    status = peers_ready(bool(ctx.extra.get("install_peers")) or not ctx.quick)
     peer = None
     if status == "ok":
         try:

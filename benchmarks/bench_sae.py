@@ -16,9 +16,6 @@ cost of a step does not depend on the values).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
-    ROOT,
     Ctx,
+    PeerProcess,
     Variant,
     best_ratio,
     fmt_num,
@@ -40,12 +37,12 @@ from benchmarks.common import (
     md_table,
     median_of,
     minilm_activations,
+    peers_ready,
     per_round,
 )
 
 NAME = "sae"
 TITLE = "6. SAE training vs SAELens, sparsify and the encoder-forward bound"
-PEERS = Path(os.environ.get("ACTSTORE_BENCH_PEERS", "/tmp/peers"))
 BATCH, K, EXPANSION = 4096, 32, 8
 HELD = 4096
 
@@ -134,75 +131,26 @@ def bound_variant(d: int, reps: int = 5) -> Variant:
     return "encoder_bound", run
 
 
-class Peer:
-    """A long-lived peer process in the peers' venv; `variant()` sends one training command per call."""
+class Peer(PeerProcess):
+    """A peer trainer process (peer_sae.py); `variant()` sends one training command per call."""
 
     def __init__(self, impl: str, train: Path, held: Path, threads: int, log_path: Path) -> None:
+        super().__init__("peer_sae.py", ["--impl", impl, "--train", str(train), "--heldout", str(held),
+                                         "--threads", str(threads)], log_path, name=f"{impl} peer")
         self.impl = impl
-        self.err = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [str(PEERS / "bin" / "python"), str(ROOT / "benchmarks" / "peer_sae.py"), "--impl", impl, "--train",
-             str(train), "--heldout", str(held), "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": ""},
-        )
-        hello = self._read()
-        if hello is None:
-            self.err.flush()
-            raise RuntimeError(f"{impl} peer did not start: {Path(log_path).read_text()[-800:]}")
-        self.versions = hello["versions"]
-
-    def _read(self) -> dict[str, Any] | None:
-        """Next JSON line from the peer; libraries print banners on stdout (sparsify: 'Triton not installed')."""
-        for line in self.proc.stdout:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-        return None
+        self.versions = self.hello["versions"]
 
     def variant(self, tokens: int) -> Variant:
         def run() -> dict[str, Any]:
-            self.proc.stdin.write(json.dumps({"tokens": tokens, "batch": BATCH, "k": K, "expansion": EXPANSION})
-                                  + "\n")
-            out = self._read()
-            if out is None:
-                raise RuntimeError(f"{self.impl}: peer process exited")
-            if "error" in out:
-                raise RuntimeError(f"{self.impl}: {out['error']}")
-            return out
+            return self.call({"tokens": tokens, "batch": BATCH, "k": K, "expansion": EXPANSION})
         return self.impl, run
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self.err.close()
 
 
 # ------------------------------------------------------------------------------------------------ peers
 def peer_status(install: bool) -> dict[str, str]:
-    """{'sparsify': 'ok' | why not, 'saelens': ...}; creates the venv when asked and missing."""
-    py = PEERS / "bin" / "python"
-    if not py.exists() and install:
-        _install_peers()
-    if not py.exists():
-        return {p: f"no peers venv at {PEERS} (run `benchmarks/run.py --install-peers`, or a full run)"
-                for p in ("sparsify", "saelens")}
-    return {"sparsify": "ok", "saelens": "ok"}  # import failures surface when the peer process starts
-
-
-def _install_peers() -> None:
-    log(f"creating the peers' venv at {PEERS} (torch==2.13.0, sae-lens, eai-sparsify)")
-    steps = [["python3.11", "-m", "venv", str(PEERS)],
-             [str(PEERS / "bin" / "pip"), "install", "-q", "torch==2.13.0"],
-             [str(PEERS / "bin" / "pip"), "install", "-q", "sae-lens", "eai-sparsify"]]
-    for cmd in steps:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            log(f"peer install step {cmd[:3]} failed: {r.stderr.strip()[-500:]}")
-            return
+    """{'sparsify': 'ok' | why not, 'saelens': ...}."""
+    status = peers_ready(install)
+    return {"sparsify": status, "saelens": status}
 
 
 # -------------------------------------------------------------------------------------------------- run

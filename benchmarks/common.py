@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -413,3 +414,77 @@ def minilm_activations(n_tokens: int, hooks: list[str]) -> dict[str, np.ndarray]
         return arrays
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+# ---- peers (SAELens, sparsify, TransformerLens) in their own venv ------------------------------------------
+PEERS = Path(os.environ.get("ACTSTORE_BENCH_PEERS", "/tmp/peers"))
+
+
+def peers_ready(install: bool) -> str:
+    """'ok' or why the peers cannot run; creates their venv when asked and missing (import failures surface
+    when a peer process starts)."""
+    if not (PEERS / "bin" / "python").exists() and install:
+        _install_peers()
+    if not (PEERS / "bin" / "python").exists():
+        return f"no peers venv at {PEERS} (run `benchmarks/run.py --install-peers`, or a full run)"
+    return "ok"
+
+
+def _install_peers() -> None:
+    log(f"creating the peers' venv at {PEERS} (torch==2.13.0, sae-lens, eai-sparsify)")
+    steps = [["python3.11", "-m", "venv", str(PEERS)],
+             [str(PEERS / "bin" / "pip"), "install", "-q", "torch==2.13.0"],
+             [str(PEERS / "bin" / "pip"), "install", "-q", "sae-lens", "eai-sparsify"]]
+    for cmd in steps:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            log(f"peer install step {cmd[:3]} failed: {r.stderr.strip()[-500:]}")
+            return
+
+
+class PeerProcess:
+    """A long-lived process in the peers' venv speaking one JSON line per command (imports and model build once).
+
+    The first line it prints is a hello object (`self.hello`); libraries print banners on stdout (sparsify:
+    'Triton not installed'), so non-JSON lines are skipped.
+    """
+
+    def __init__(self, script: str, args: list[str], log_path: Path, name: str = "peer") -> None:
+        self.name, self.log_path = name, Path(log_path)
+        self.err = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(PEERS / "bin" / "python"), str(ROOT / "benchmarks" / script), *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
+                 "TQDM_DISABLE": "1", "PYTHONPATH": ""},
+        )
+        hello = self._read()
+        if hello is None:
+            self.err.flush()
+            raise RuntimeError(f"{name} did not start: {self.log_path.read_text()[-800:]}")
+        self.hello: dict[str, Any] = hello
+
+    def _read(self) -> dict[str, Any] | None:
+        for line in self.proc.stdout:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+        return None
+
+    def call(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Send one command; its JSON answer, or RuntimeError with the peer's error or the log's tail."""
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        out = self._read()
+        if out is None:
+            raise RuntimeError(f"{self.name} exited: {self.log_path.read_text()[-800:]}")
+        if "error" in out:
+            raise RuntimeError(f"{self.name}: {out['error']}")
+        return out
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.err.close()
