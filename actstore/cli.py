@@ -20,10 +20,31 @@ EXIT_ERROR, EXIT_DAMAGED = 2, 1
 def _extract(args: argparse.Namespace) -> int:
     from actstore.pipeline.extract import extract
 
+    if args.help_config:
+        print(config_help())
+        return 0
+    if args.config is None:
+        raise SystemExit("actstore extract: give a YAML config (actstore extract --help-config lists its keys)")
     store = extract(args.config, overrides=args.set)
     _print({"url": store.url, "n_tokens": store.n_tokens, "hooks": store.hooks,
             "shards": len(store.manifest.shards)} if args.json else f"wrote {store!r}", args.json)
     return 0
+
+
+def config_help() -> str:
+    """Every ExtractConfig key (and nested key) with its type, default and docstring, as the README shows them."""
+    from actstore.schemas.config import ExtractConfig, TokenOutputs
+
+    lines = []
+    for model, prefix in ((ExtractConfig, ""), (TokenOutputs, "token_outputs.")):
+        for name, f in model.model_fields.items():
+            default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+            ann = f.annotation
+            kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace(
+                "actstore.schemas.config.", "")
+            lines.append(f"{prefix}{name}: {kind} ({default})")
+            lines += [f"    {line.strip()}" for line in (f.description or "").splitlines()]
+    return "\n".join(lines)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -248,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     add: Callable[..., argparse.ArgumentParser] = sub.add_parser
 
     e = add("extract", help="extract activations described by a YAML config into a store")
-    e.add_argument("config", help="YAML config (see README for keys)")
+    e.add_argument("config", nargs="?", help="YAML config (keys: --help-config)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     e.add_argument("--json", action="store_true", help="print a JSON summary")
+    e.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     e.set_defaults(fn=_extract)
 
     for name, fn, text in (("inspect", _inspect, "show model, hooks, shapes, dtypes, token counts and statistics"),

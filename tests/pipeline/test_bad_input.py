@@ -120,3 +120,14 @@ def test_unmapped_architecture_suggests_module_hooks(tmp_path, capsys, no_forwar
     model.save_pretrained(tmp_path / "gptj")
     code, err = _run(tmp_path, capsys, model=str(tmp_path / "gptj"), corpus=["hi there"])
     assert code != 0 and "no canonical hook map" in err and "module:" in err
+
+
+def test_help_config_lists_every_key(capsys):
+    from actstore.cli import main
+    from actstore.schemas.config import ExtractConfig, TokenOutputs
+
+    assert main(["extract", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    keys = [*ExtractConfig.model_fields, *(f"token_outputs.{k}" for k in TokenOutputs.model_fields)]
+    assert all(f"\n{k}: " in f"\n{out}" for k in keys)
+    assert "Literal['float32', 'float16', 'bfloat16'] (default 'float32')" in out  # dtype: choices and default
