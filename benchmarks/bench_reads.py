@@ -5,8 +5,8 @@ actstore store (`from_arrays`, default chunking, no compression), as a .npy file
 Parquet files whose row groups match the store's chunk rows. Files are read once before timing, so every
 variant reads from the page cache (what a second epoch sees; cold-disk reads would measure the disk).
 
-- full scan: materialize the whole (n, d) array: `Store.activations(h).compute()` (Dask, threaded), a
-  chunk-wise loop over `Store.read_rows`, `np.array(memmap)`, a chunk-wise memmap copy, and Parquet
+- full scan: materialize the whole (n, d) array: `Store.activations(h).compute()` (Dask, threaded),
+  `Store.to_numpy(h)` (one preallocated array filled chunk by chunk from a few threads), a chunk-wise loop over `Store.read_rows`, `np.array(memmap)`, a chunk-wise memmap copy, and Parquet
   `read_table` + zero-copy numpy views.
 - shuffled batches (one epoch, 4096 rows, float32 torch tensors): `Store.loader` (chunk blocks in random order,
   64k-row shuffle window) vs a memmap read with a fresh random permutation per epoch (sorted row indices per
@@ -120,6 +120,7 @@ def scan_variants(data: dict[str, Any]) -> list[Variant]:
     return [
         ("memmap_scan", timed(lambda: np.array(np.load(data["npy"], mmap_mode="r")))),
         ("store_dask_compute", timed(lambda: _materialize(store.activations(HOOK).compute()))),
+        ("store_to_numpy", timed(lambda: store.to_numpy(HOOK))),
         ("memmap_chunks", timed(mm_chunks)),
         ("store_read_rows_chunks", timed(store_chunks)),
         ("parquet_fsl_scan", timed(lambda: _fsl_numpy(pq.read_table(data["pq"]["fsl"]), d))),
@@ -201,6 +202,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                      "other": median_of(res[num] + res[den], "other_share")})
 
     row("full scan: `Store.activations(h).compute()`", "store_dask_compute", "memmap_scan", 0.8)
+    row("full scan: `Store.to_numpy(h)` (no Dask)", "store_to_numpy", "memmap_scan", 0.8)
     row("full scan, chunk-wise `Store.read_rows`", "store_read_rows_chunks", "memmap_chunks", 0.8)
     row("full scan: Parquet FixedSizeList<float32>", "parquet_fsl_scan", "memmap_scan", None)
     row("full scan: Parquet fixed_size_binary", "parquet_fsb_scan", "memmap_scan", None)

@@ -11,7 +11,7 @@ from typing import Any
 
 
 class ConsumersMixin:
-    """loader, torch_dataset, to_hf_dataset, to_xarray over any store-like reader."""
+    """loader, torch_dataset, to_hf_dataset, to_numpy, to_xarray over any store-like reader."""
 
     def loader(self, hooks: str | list[str], batch_size: int, shuffle: bool = True, seed: int = 0,
                **kwargs: Any) -> Iterator[Any]:
@@ -32,6 +32,16 @@ class ConsumersMixin:
         from actstore.pipeline.adapters import to_hf_dataset
 
         return to_hf_dataset(self, hook, **kwargs)
+
+    def to_numpy(self, hook: str, threads: int | None = None) -> Any:
+        """The whole hook as one in-memory (n_tokens, d) numpy array, bfloat16 decoded to float32.
+
+        Faster than `activations(hook).compute()` (no Dask graph; each byte copied once by a few threads); use
+        `activations` for data larger than memory.
+        """
+        from actstore.pipeline.fullread import read_hook
+
+        return read_hook(self, hook, threads)
 
     def to_xarray(self, hooks: list[str] | None = None) -> Any:
         """Lazy `xarray.Dataset` with dims (token, d_<hook>) and token-index coordinates."""

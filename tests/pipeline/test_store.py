@@ -13,6 +13,7 @@ import torch
 from conftest import extract_local
 
 import actstore
+from actstore.pipeline.multistore import open_stores
 from actstore.pipeline.store import StoreError
 from actstore.workers.dtypes import Float16OverflowError
 
@@ -192,3 +193,21 @@ def test_raw_chunk_maps_follow_rewritten_files(tmp_path):
         store = actstore.from_arrays({"blocks.0.hook_resid_post": x}, path, shard_tokens=3000)
         np.testing.assert_array_equal(store.read_rows("blocks.0.hook_resid_post", 0, 0, 10), x[:10])
         np.testing.assert_array_equal(store.activations("blocks.0.hook_resid_post").compute(), x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_to_numpy_equals_dask_read(tmp_path, monkeypatch, dtype):
+    """Store.to_numpy (preallocated, chunk copies from threads) == activations().compute(), many chunks per shard."""
+    from actstore.pipeline.fullread import chunk_jobs
+    from actstore.workers import shard_writer
+
+    monkeypatch.setattr(shard_writer, "CHUNK_BYTES", 1000)  # ~31 float32 rows of width 8 per chunk
+    x = np.random.default_rng(3).standard_normal((1000, 8)).astype(np.float32)
+    store = actstore.from_arrays({"blocks.0.hook_resid_post": x}, str(tmp_path / "s"), shard_tokens=300, dtype=dtype)
+    assert len(chunk_jobs(store, "blocks.0.hook_resid_post")) > 2 * len(store.manifest.shards)
+    got = store.to_numpy("blocks.0.hook_resid_post", threads=3)
+    ref = store.activations("blocks.0.hook_resid_post").compute()
+    assert got.dtype == ref.dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, ref)
+    view = open_stores([store.url, store.url])  # MultiStore has the same reading surface
+    np.testing.assert_array_equal(view.to_numpy("blocks.0.hook_resid_post"), np.concatenate([ref, ref]))
