@@ -14,29 +14,20 @@ from typing import Any
 
 import numpy as np
 
+from actstore.pipeline.blocks import chunk_blocks
 from actstore.workers.dtypes import decoded_dtype
-
-
-def chunk_jobs(store: Any, hook: str) -> list[tuple[int, int, int, int]]:
-    """(shard index, start, stop, destination row) for every Zarr chunk of the hook, in row order."""
-    jobs, row = [], 0
-    for i, info in enumerate(store.manifest.shards):
-        step = max(1, int(store.shard_array(i, hook).chunks[0])) if info.n_tokens else 1
-        jobs += [(i, a, min(a + step, info.n_tokens), row + a) for a in range(0, info.n_tokens, step)]
-        row += info.n_tokens
-    return jobs
 
 
 def read_hook(store: Any, hook: str, threads: int | None = None) -> np.ndarray:
     """The hook's (n_tokens, d) rows, decoded (bfloat16 -> float32), in one preallocated array."""
     h = store.manifest.hook(hook)
-    out = np.empty((sum(s.n_tokens for s in store.manifest.shards), h.d), decoded_dtype(h.dtype))
+    out = np.empty((store.n_tokens, h.d), decoded_dtype(h.dtype))
 
-    def copy(job: tuple[int, int, int, int]) -> None:
-        i, a, b, dst = job
+    def copy(block: tuple[int, int, int]) -> None:
+        i, a, b = block
+        dst = store.manifest.shards[i].token_start + a  # shards' global row ranges tile [0, n_tokens)
         out[dst:dst + b - a] = store.read_rows(hook, i, a, b)
 
-    jobs = chunk_jobs(store, hook)
     with ThreadPoolExecutor(max(1, threads or min(4, os.cpu_count() or 1))) as pool:
-        list(pool.map(copy, jobs))  # list(): re-raise the first failed chunk's error here
+        list(pool.map(copy, chunk_blocks(store, hook)))  # list(): re-raise the first failed chunk's error here
     return out

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from actstore.pipeline.blocks import chunk_blocks
+
 
 class ActivationLoader:
     """Iterable of batches: a tensor for one hook, or {hook: tensor} for several (same rows)."""
@@ -33,15 +35,7 @@ class ActivationLoader:
 
     def blocks(self) -> list[tuple[int, int, int]]:
         """(shard index, start, stop) chunk-aligned row blocks within `rows`."""
-        out = []
-        lo, hi = self.rows or (0, self.store.n_tokens)
-        for i, info in enumerate(self.store.manifest.shards):
-            step = self.store.shard_array(i, self.hooks[0]).chunks[0]
-            for s in range(0, info.n_tokens, step):
-                a, b = max(s, lo - info.token_start), min(s + step, info.n_tokens, hi - info.token_start)
-                if a < b:
-                    out.append((i, a, b))
-        return out
+        return chunk_blocks(self.store, self.hooks[0], self.rows)
 
     def __iter__(self) -> Iterator[Any]:
         rng = np.random.default_rng([self.seed, self.epoch])

@@ -14,6 +14,7 @@ from typing import Any
 import dask
 import numpy as np
 
+from actstore.pipeline.blocks import chunk_blocks
 from actstore.workers.dtypes import NUMPY_STORED
 from actstore.workers.spectra import (
     PRECISIONS,
@@ -29,16 +30,10 @@ _TASK_BYTES = 64 << 20  # stored bytes per Dask task: a few large tasks, not one
 def _row_blocks(store: Any, hook: str, keep: np.ndarray) -> list[tuple[int, int, int, int]]:
     """(shard index, start, stop, global start) blocks of whole Zarr chunks, ~_TASK_BYTES each, holding kept rows."""
     h = store.manifest.hook(hook)
-    row_bytes = h.d * np.dtype(NUMPY_STORED[h.dtype]).itemsize
-    out = []
-    for i, info in enumerate(store.manifest.shards):
-        chunk = store.shard_array(i, hook).chunks[0]
-        step = max(chunk, _TASK_BYTES // max(row_bytes, 1) // chunk * chunk)
-        for a in range(0, info.n_tokens, step):
-            b = min(a + step, info.n_tokens)
-            if keep[info.token_start + a:info.token_start + b].any():
-                out.append((i, a, b, info.token_start + a))
-    return out
+    target = _TASK_BYTES // (h.d * NUMPY_STORED[h.dtype].itemsize)
+    starts = [s.token_start for s in store.manifest.shards]
+    blocks = [(i, a, b, starts[i] + a) for i, a, b in chunk_blocks(store, hook, target_rows=target)]
+    return [blk for blk in blocks if keep[blk[3]:blk[3] + blk[2] - blk[1]].any()]
 
 
 def _partial(store: Any, hook: str, block: tuple[int, int, int, int], keep: np.ndarray, shift: np.ndarray,

@@ -198,13 +198,13 @@ def test_raw_chunk_maps_follow_rewritten_files(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_to_numpy_equals_dask_read(tmp_path, monkeypatch, dtype):
     """Store.to_numpy (preallocated, chunk copies from threads) == activations().compute(), many chunks per shard."""
-    from actstore.pipeline.fullread import chunk_jobs
+    from actstore.pipeline.blocks import chunk_blocks
     from actstore.workers import shard_writer
 
     monkeypatch.setattr(shard_writer, "CHUNK_BYTES", 1000)  # ~31 float32 rows of width 8 per chunk
     x = np.random.default_rng(3).standard_normal((1000, 8)).astype(np.float32)
     store = actstore.from_arrays({"blocks.0.hook_resid_post": x}, str(tmp_path / "s"), shard_tokens=300, dtype=dtype)
-    assert len(chunk_jobs(store, "blocks.0.hook_resid_post")) > 2 * len(store.manifest.shards)
+    assert len(chunk_blocks(store, "blocks.0.hook_resid_post")) > 2 * len(store.manifest.shards)
     got = store.to_numpy("blocks.0.hook_resid_post", threads=3)
     ref = store.activations("blocks.0.hook_resid_post").compute()
     assert got.dtype == ref.dtype and got.flags.c_contiguous
