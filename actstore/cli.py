@@ -81,7 +81,7 @@ def _inspect_text(store: Any) -> str:
         lines.append(f"  {h.name:34s} ({man.n_tokens}, {h.d}) {h.dtype:8s} mean|x|={_f(st.get('mean_norm'))} "
                      f"p99|x|={_f(st.get('norm_p99'))} max|x_i|={_f(st.get('max_abs'))} "
                      f"zero={_f(st.get('zero_fraction'))} massive={st.get('n_massive', '-')}")
-    if man.shards and all(s.outputs_sha256 for s in man.shards):
+    if store.has_token_outputs:
         import math
 
         import pyarrow.compute as pc

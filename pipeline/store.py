@@ -123,12 +123,14 @@ class Store(ConsumersMixin):
         return cache[shard_index, hook]
 
     # ---- tables ---------------------------------------------------------------------------------------------
-    def shard_tokens(self, shard_index: int, columns: list[str] | None = None) -> pa.Table:
-        """One shard's token index (optionally only some columns: Parquet reads just those)."""
-        info = self.manifest.shards[shard_index]
-        path = storage.join(shard_path(self.root, info.id), "tokens.parquet")
+    def _shard_parquet(self, shard_index: int, name: str, columns: list[str] | None = None) -> pa.Table:
+        path = storage.join(shard_path(self.root, self.manifest.shards[shard_index].id), name)
         raw = storage.with_retries(lambda: self.fs.cat_file(path), f"reading {path}")
         return pq.read_table(pa.BufferReader(raw), columns=columns)
+
+    def shard_tokens(self, shard_index: int, columns: list[str] | None = None) -> pa.Table:
+        """One shard's token index (optionally only some columns: Parquet reads just those)."""
+        return self._shard_parquet(shard_index, "tokens.parquet", columns)
 
     def tokens(self) -> pa.Table:
         """Token index: token_id, doc_id, seq_id, position, special — one row per stored token, in row order."""
@@ -138,14 +140,14 @@ class Store(ConsumersMixin):
     def token_outputs(self) -> pa.Table:
         """Per-token model outputs (config `token_outputs`), row-aligned with `tokens()`: `loss` (next-token
         negative log-likelihood, null at a sequence's last position), plus `topk_ids`/`topk_logprobs` when asked."""
-        if any(s.outputs_sha256 is None for s in self.manifest.shards) or not self.manifest.shards:
+        if not self.has_token_outputs:
             raise ValueError(f"store {self.url} has no per-token outputs; extract with `token_outputs: {{topk: 5}}`")
-        tables = []
-        for info in self.manifest.shards:
-            path = storage.join(shard_path(self.root, info.id), OUTPUTS_FILE)
-            raw = storage.with_retries(lambda p=path: self.fs.cat_file(p), f"reading {path}")
-            tables.append(pq.read_table(pa.BufferReader(raw)))
-        return pa.concat_tables(tables)
+        return pa.concat_tables([self._shard_parquet(i, OUTPUTS_FILE) for i in range(len(self.manifest.shards))])
+
+    @property
+    def has_token_outputs(self) -> bool:
+        """Whether every shard holds outputs.parquet (the store was extracted with `token_outputs`)."""
+        return bool(self.manifest.shards) and all(s.outputs_sha256 for s in self.manifest.shards)
 
     def docs(self) -> pa.Table:
         """One row per corpus document: doc_id plus every metadata/label field."""
