@@ -319,8 +319,7 @@ def format_plan(res: dict[str, Any]) -> str:
     lines += [f"token index  {_gb(res['token_index_bytes'])}", f"metadata     {_gb(res['metadata_bytes'])}"]
     if res["token_outputs_bytes"]:
         lines.append(f"outputs      {_gb(res['token_outputs_bytes'])} (token_outputs, uncompressed)")
-    lines += [
-              f"total        {_gb(res['total_bytes'])}{bound}"]
+    lines.append(f"total        {_gb(res['total_bytes'])}{bound}")
     if res["calibration"]:
         c = res["calibration"]
         lines.append(f"throughput   {c['tokens_per_s']:,.0f} tok/s measured on {c['device']} x {res['workers']} "

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
+from actstore.pipeline.plan import Tokenize
 from actstore.schemas.config import ExtractConfig
 from actstore.workers.runner import load_tokenizer
 from actstore.workers.tokenize import tokenize_batch
@@ -29,8 +30,7 @@ def _tokenize_task(model: str, revision: str | None, trust: bool, texts: list[st
     return tokenize_batch(_tokenizer(model, revision, trust), texts, add_special, max_length)
 
 
-def ray_tokenizer(cfg: ExtractConfig, in_flight: int | None = None) -> Callable[[Iterable[list[str]], bool, int | None],
-                                                                                 Iterator[list[list[int]]]]:
+def ray_tokenizer(cfg: ExtractConfig, in_flight: int | None = None) -> Tokenize:
     """A `tokenize(batches, add_special, max_length)` for `plan.make_plan` that runs each batch as a Ray task."""
     import ray
 

@@ -137,9 +137,9 @@ class ModelRunner:
 
     def _register_stop(self) -> list[Any]:
         """Hook the deepest needed block to raise _StopForward once it has run (all hooks captured by then)."""
-        blocks = hookmap.blocks_of(self.model)
         if self.outputs_topk is not None:
             return []  # per-token outputs need the logits, so the whole model runs
+        blocks = hookmap.blocks_of(self.model)
         depths = [hookmap.resolve(self.model, s)[2] for s in self.specs]
         if blocks is None or any(d is None for d in depths):
             return []  # a hook outside the blocks (or an unmapped family): run the whole model
