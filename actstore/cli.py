@@ -266,8 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"actstore {_version()}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add: Callable[..., argparse.ArgumentParser] = sub.add_parser
+    for add_verb in (_add_extract, _add_readers, _add_spectra, _add_train, _add_report, _add_export, _add_plan, _add_demo):
+        add_verb(sub.add_parser)
+    return p
 
+
+def _add_extract(add: Callable[..., argparse.ArgumentParser]) -> None:
     e = add("extract", help="extract activations described by a YAML config into a store")
     e.add_argument("config", nargs="?", help="YAML config (keys: --help-config)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -275,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     e.set_defaults(fn=_extract)
 
+
+def _add_readers(add: Callable[..., argparse.ArgumentParser]) -> None:
     for name, fn, text in (("inspect", _inspect, "show model, hooks, shapes, dtypes, token counts and statistics"),
                            ("verify", _verify, "re-read every shard and check it against the manifest (exit 1 on damage)")):
         c = add(name, help=text)
@@ -285,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--full", action="store_true", help="with --json: the whole manifest")
         c.set_defaults(fn=fn)
 
+
+def _add_spectra(add: Callable[..., argparse.ArgumentParser]) -> None:
     s = add("spectra", help="covariance spectra (Marchenko-Pastur fit, outliers, entropy, rank) as a Dask job")
     s.add_argument("url", help="store path or URL")
     s.add_argument("--hook", action="append", help="hook to analyse (repeatable; default: all)")
@@ -299,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=_spectra)
 
+
+def _add_train(add: Callable[..., argparse.ArgumentParser]) -> None:
     t = add("train", help="train probes (and SAEs/transcoders) from a store as Dask jobs")
     tsub = t.add_subparsers(dest="what", required=True, metavar="WHAT")
     tp = tsub.add_parser("probe", help="probe a document label on every hook (one Dask task per hook)")
@@ -315,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(fn=_train_probe)
     _add_train_sae(tsub)
 
+
+def _add_report(add: Callable[..., argparse.ArgumentParser]) -> None:
     r = add("report", help="self-contained HTML report: summary, spectra with MP fits, layer curves, SAE/probe results")
     r.add_argument("url", help="store path or URL")
     r.add_argument("-o", "--out", default="report.html", help="output HTML file")
@@ -325,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(fn=_report)
 
+
+def _add_export(add: Callable[..., argparse.ArgumentParser]) -> None:
     x = add("export", help="write a row slice of one hook to .npy, .safetensors or Parquet")
     x.add_argument("url", help="store path or URL")
     x.add_argument("--hook", required=True, help="hook to export")
@@ -336,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print JSON")
     x.set_defaults(fn=_export)
 
+
+def _add_plan(add: Callable[..., argparse.ArgumentParser]) -> None:
     pl = add("plan", help="estimate tokens, bytes, shards, object-store rates, wall time and disk before extracting")
     pl.add_argument("config", help="YAML config (the same file `extract` takes)")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -344,12 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.set_defaults(fn=_plan)
 
+
+def _add_demo(add: Callable[..., argparse.ArgumentParser]) -> None:
     d = add("demo", help="offline end-to-end demo on MiniLM-L6 and the stdlib pydoc corpus")
     d.add_argument("--out", default="demo-output", help="output directory")
     d.add_argument("--quick", action="store_true", help="smaller corpus")
     d.add_argument("--executor", choices=["ray", "local"], default="ray", help="extraction executor")
     d.set_defaults(fn=_demo)
-    return p
 
 
 def _version() -> str:
