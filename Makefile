@@ -6,21 +6,22 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv install install-dev demo test test-all lint bench bench-quick clean
+.PHONY: venv install install-dev demo test test-all test-conformance lint bench bench-quick clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
-# torch is named in the same pip call as the package so the resolver never wanders to other (CUDA) builds.
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+# constraints.txt pins every other package to the versions the suite passed with, so pip resolves at once
+# instead of backtracking through old releases. torch is named in the same pip call as the package so the resolver never wanders to other (CUDA) builds.
+$(VENV)/.installed: pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install "$(TORCH_SPEC)" -e ".[demo]"
+	$(PIP) install "$(TORCH_SPEC)" -c constraints.txt -e ".[demo,s3,tools]"
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install "$(TORCH_SPEC)" -e ".[dev]"
+	$(PIP) install "$(TORCH_SPEC)" -c constraints.txt -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -35,8 +36,15 @@ test: $(VENV)/.installed-dev
 test-all: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m "not gpu"
 
+# Executor conformance: local vs Ray x dtype x packing x plain/append x file/S3, every store byte-identical to the
+# local reference. `make test` runs a covering subset; CI adds the slow rest (CONFORMANCE_MARKS='slow and not gpu').
+CONFORMANCE_MARKS ?= not gpu
+test-conformance: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m "$(CONFORMANCE_MARKS)" tests/extract/test_conformance.py
+
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check actstore schemas pipeline workers tests benchmarks
+	$(VENV)/bin/mypy
 
 bench-quick: $(VENV)/.installed-dev
 	$(PY) benchmarks/run.py --quick

@@ -7,7 +7,8 @@ own shard plan, so the batches are identical), the same batch size and torch thr
 - ceiling: the same weights with the block list cut after the deepest hooked block and a forward hook that
   copies that block's output to numpy (what a hand-written early-exit loop does; the baseline of goal 2).
 - extract: `actstore.extract(..., executor=local)` into a fresh directory. "steady" time is the time spent in
-  the shard tasks (forward, conversion, Zarr write, statistics, commit: measured by wrapping `run_shard`);
+  the shard loop (forwards, and the conversion, Zarr writes, statistics and commits they do not overlap:
+  measured by wrapping the local executor's `run_rows`, less the time spent reading and tokenizing the corpus);
   "end to end" adds model loading, tokenization, planning and the manifest.
 - ray (full mode): the same config on the Ray executor in an already-started local Ray; steady throughput
   from the shards' commit records (their mtimes: tokens of shards 2..n over the time from the first commit to
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from actstore.workers.shard_writer import COMMIT_FILE
+from actstore.schemas.layout import SHARD_RECORD as COMMIT_FILE
 from benchmarks.common import (
     CONTEXT,
     Ctx,
@@ -76,29 +77,46 @@ def cases(quick: bool) -> list[Case]:
 
 
 def _install_timers() -> None:
-    """Wrap the executors' shard step (local) and progress callback (Ray) to time shards from outside."""
-    import actstore.pipeline.local_executor as le
-    import actstore.pipeline.ray_executor as re_
+    """Wrap the local executor's shard loop and the Ray executor's result callback to time shards from outside.
 
-    if getattr(le.run_shard, "_bench", False):
+    Local: the time of the shard loop (forward passes and the writes that do not overlap them) less the time
+    spent producing its rows (reading, tokenizing and packing the corpus, which is planning, not shard work)."""
+    import actstore.pipeline.extract.executors.local as le
+    import actstore.pipeline.extract.executors.ray_pool as re_
+
+    if getattr(le.run_rows, "_bench", False):
         return
-    orig_shard, orig_ray = le.run_shard, re_.run_ray
+    orig_rows, orig_ray = le.run_rows, re_.run_ray_parts
 
-    def timed_shard(*a: Any, **kw: Any) -> Any:
+    def timed_rows(cfg: Any, rows: Any, *a: Any, **kw: Any) -> Any:
+        planning = [0.0]
+
+        def timed(it: Any) -> Any:
+            it = iter(it)
+            while True:
+                t = time.perf_counter()
+                try:
+                    row = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    planning[0] += time.perf_counter() - t
+                yield row
+
         t0 = time.perf_counter()
         try:
-            return orig_shard(*a, **kw)
+            return orig_rows(cfg, timed(rows), *a, **kw)
         finally:
-            _SHARD_TIMES.append(time.perf_counter() - t0)
+            _SHARD_TIMES.append(time.perf_counter() - t0 - planning[0])
 
-    def timed_ray(cfg: Any, todo: Any, pad_id: int, progress: Any, **kw: Any) -> Any:
-        def prog(n: int) -> None:
-            _SHARD_DONE.append((time.perf_counter(), n))
-            progress(n)
-        return orig_ray(cfg, todo, pad_id, prog, **kw)
+    def timed_ray(cfg: Any, parts: Any, job: Any, pad_id: int, on_result: Any, *a: Any, **kw: Any) -> Any:
+        def done(row: dict[str, Any]) -> None:
+            _SHARD_DONE.append((time.perf_counter(), int(row["n_tokens"])))
+            on_result(row)
+        return orig_ray(cfg, parts, job, pad_id, done, *a, **kw)
 
-    timed_shard._bench = True  # type: ignore[attr-defined]
-    le.run_shard, re_.run_ray = timed_shard, timed_ray
+    timed_rows._bench = True  # type: ignore[attr-defined]
+    le.run_rows, re_.run_ray_parts = timed_rows, timed_ray
 
 
 class Batches:
@@ -107,7 +125,7 @@ class Batches:
     def __init__(self, case: Case, docs: list[dict], shard_tokens: int) -> None:
         import torch
 
-        from actstore.pipeline.plan import make_plan
+        from actstore.pipeline.extract.sharding import make_plan
         from actstore.schemas.config import ExtractConfig
         from actstore.workers.runner import load_tokenizer
 

@@ -66,28 +66,37 @@ PEER_VARIANTS.append(("saelens_multi_4", "store_multi", FOUR))
 SLOW = {"saelens_store_4", "tl_rwc_4"}  # left out in quick mode: their code paths run in the 1-hook variants
 WARM = {"saelens_cache_1", "saelens_store_1", "tl_rwc_1", "saelens_multi_4"}
 
-_TIMES: dict[str, list[float]] = {"shard": [], "load": []}
+_TIMES: dict[str, list[float]] = {"load": []}
 
 
 # ------------------------------------------------------------------------------------------------ actstore
 def _install_timers() -> None:
-    """Time the local executor's shard tasks (steady state) and its model load (subtracted from end to end)."""
-    import actstore.pipeline.local_executor as le
+    """Time the local executor's shard loop (steady state: bench_extract's timer, planning excluded) and its model
+    load (subtracted from end to end)."""
+    import actstore.pipeline.extract.executors.local as le
+    from benchmarks import bench_extract
 
+    bench_extract._install_timers()
     if getattr(le.make_runner, "_bench_peers", False):
         return
+    orig = le.make_runner
 
-    def timed(fn: Any, key: str) -> Any:
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                _TIMES[key].append(time.perf_counter() - t0)
-        wrapper._bench_peers = True  # type: ignore[attr-defined]
-        return wrapper
+    def timed_load(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return orig(*a, **kw)
+        finally:
+            _TIMES["load"].append(time.perf_counter() - t0)
 
-    le.run_shard, le.make_runner = timed(le.run_shard, "shard"), timed(le.make_runner, "load")
+    timed_load._bench_peers = True  # type: ignore[attr-defined]
+    le.make_runner = timed_load
+
+
+def _shard_times() -> list[float]:
+    """The shard-loop times bench_extract's timer records (one entry per run)."""
+    from benchmarks import bench_extract
+
+    return bench_extract._SHARD_TIMES
 
 
 def _config(docs: list[dict], hooks: list[str], out: Path) -> dict[str, Any]:
@@ -103,12 +112,13 @@ def actstore_variant(name: str, docs: list[dict], hooks: list[str], ctx: Ctx) ->
         out = ctx.tmp / f"x-{uuid.uuid4().hex[:8]}"
         for v in _TIMES.values():
             v.clear()
+        _shard_times().clear()
         t0 = time.perf_counter()
         store = actstore.extract(_config(docs, hooks, out))
         dt = time.perf_counter() - t0
         shutil.rmtree(out, ignore_errors=True)
         n = store.n_tokens
-        return {"s": dt - sum(_TIMES["load"]), "s_steady": sum(_TIMES["shard"]), "load_s": sum(_TIMES["load"]),
+        return {"s": dt - sum(_TIMES["load"]), "s_steady": sum(_shard_times()), "load_s": sum(_TIMES["load"]),
                 "tokens": n, "hook_tokens": n * len(hooks)}
 
     return name, run

@@ -94,7 +94,7 @@ def scan_variants(data: dict[str, Any]) -> list[Variant]:
     import pyarrow.parquet as pq
 
     store, n, d = data["store"], data["n"], data["d"]
-    from actstore.pipeline.loader import ActivationLoader
+    from actstore.pipeline.store.loader import ActivationLoader
 
     blocks = ActivationLoader(store, HOOK, BATCH).blocks()
 

@@ -6,7 +6,7 @@ not bought with quality. Data: d_in 384 = real MiniLM blocks.3.hook_resid_post (
 synthetic activations with a planted sparse dictionary (no 768-wide real model runs fast enough here; the
 cost of a step does not depend on the values).
 
-- actstore: `actstore.workers.sae_train.train` (default settings: input scaling, AuxK, Adam, grad clipping);
+- actstore: `actstore.workers.sae.training.train` (default settings: input scaling, AuxK, Adam, grad clipping);
   steady tokens/s from step-end times (steps 2..n) reported through its progress callback.
 - encoder bound: a dense fp32 matmul (4096, d) @ (d, 8d), the encoder forward alone; no trainer that computes
   the dense pre-activations can beat it.
@@ -90,14 +90,14 @@ def _cycle(x: np.ndarray):
 def ours_variant(train: np.ndarray, held: np.ndarray, tokens: int, threads: int, norm_tokens: int) -> Variant:
     import torch
 
-    from actstore.workers.sae import SAEConfig
-    from actstore.workers.sae_train import TrainConfig
-    from actstore.workers.sae_train import train as sae_train
+    from actstore.workers.sae.model import SAEConfig
+    from actstore.workers.sae.training import TrainConfig
+    from actstore.workers.sae.training import train as sae_train
 
     def run() -> dict[str, Any]:
         ends: list[float] = []
         t0 = time.perf_counter()
-        res = sae_train(_cycle(train), SAEConfig(train.shape[1], "topk", expansion=EXPANSION, k=K),
+        res = sae_train(_cycle(train), SAEConfig(d_in=train.shape[1], architecture="topk", expansion=EXPANSION, k=K),
                         TrainConfig(batch_size=BATCH, training_tokens=tokens, threads=threads, log_every=1, seed=0,
                                     norm_estimation_tokens=norm_tokens),
                         progress=lambda info: ends.append(time.perf_counter()))

@@ -143,17 +143,14 @@ def child(argv: list[str]) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
+    from benchmarks.common import extraction_child
+
+    extraction_child(a.threads)
     from transformers import AutoTokenizer
 
     import actstore
-    import actstore.pipeline.extract  # noqa: F401  (imports are not extraction work: load them before timing)
-    import actstore.pipeline.local_executor  # noqa: F401
     from benchmarks.common import PeakRss, exact_docs, minilm_path
 
-    torch.set_num_threads(a.threads)
     docs = exact_docs(a.tokens, AutoTokenizer.from_pretrained(minilm_path()))
     cfg = {"model": minilm_path(), "corpus": docs, "hooks": HOOKS, "context_length": CONTEXT, "packing": True,
            "dtype": "float16", "batch_size": 16, "shard_tokens": a.shard_tokens, "executor": a.executor,

@@ -158,6 +158,19 @@ class CpuMeter:
                 "other_share": other / cap if cap > 0 else 0.0, "ours_share": ours / cap if cap > 0 else 0.0}
 
 
+def extraction_child(threads: int) -> None:
+    """Set up a benchmark child process that times `actstore.extract`: offline hub, quiet tokenizers, torch
+    threads, and the extraction modules imported up front (imports are not extraction work)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    import actstore.pipeline.extract.executors.local  # noqa: F401
+    import actstore.pipeline.extract.run  # noqa: F401
+
+    torch.set_num_threads(threads)
+
+
 class PeakRss:
     """Peak resident memory of one process, sampled every `period` seconds in a thread."""
 
@@ -348,7 +361,7 @@ def gpt2_small_path() -> str:
 def corpus_docs(n_tokens: int) -> list[dict[str, Any]]:
     """Documents from `pydoc_data.topics` (the demo corpus), repeated when needed, holding about n_tokens
     MiniLM tokens once packed (a ~10% margin; callers use the exact plan)."""
-    from actstore.pipeline.demo import demo_corpus
+    from actstore.demo import demo_corpus
 
     base = demo_corpus()
     # ~4.2 characters per WordPiece token on this corpus; the margin makes sure we never fall short.
@@ -431,10 +444,12 @@ def peers_ready(install: bool) -> str:
 
 
 def _install_peers() -> None:
+    # The repository's constraints keep pip from backtracking through old sae-lens / transformer-lens releases.
     log(f"creating the peers' venv at {PEERS} (torch==2.13.0, sae-lens, eai-sparsify)")
     steps = [["python3.11", "-m", "venv", str(PEERS)],
              [str(PEERS / "bin" / "pip"), "install", "-q", "torch==2.13.0"],
-             [str(PEERS / "bin" / "pip"), "install", "-q", "sae-lens", "eai-sparsify"]]
+             [str(PEERS / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"), "sae-lens",
+              "eai-sparsify"]]
     for cmd in steps:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

@@ -11,8 +11,9 @@ of the training array, cycling, exactly as bench_sae feeds actstore's trainer.
   optimizer (SignSGD in a ScheduleFree wrapper, lr 5e-3 / sqrt(n_latents / 2^14)); b_dec starts at the first
   batch's mean; decoder rows re-normalised before each forward, gradient parallel to them removed. Trainer
   defaults leave AuxK off (auxk_alpha 0).
-- SAELens: `SAETrainer` with `TopKTrainingSAE` (defaults: AuxK coefficient 1, decoder-norm rescaling, no
-  activation normalisation, lr 3e-4 constant), fed by an in-memory data provider.
+- SAELens: `SAETrainer` with `TopKTrainingSAE` or `BatchTopKTrainingSAE` (defaults: AuxK coefficient 1,
+  decoder-norm rescaling, no activation normalisation, lr 3e-4 constant, dead window 1000 steps; a command may
+  set lr, warm-up, decay, dead window and AuxK weight), fed by an in-memory data provider.
 """
 
 from __future__ import annotations
@@ -85,17 +86,28 @@ def run_sparsify(x: torch.Tensor, held: torch.Tensor, cmd: dict) -> dict:
 
 
 def run_saelens(x: torch.Tensor, held: torch.Tensor, cmd: dict) -> dict:
-    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    """SAETrainer on a TopK (default) or BatchTopK SAE. Optional schedule fields in `cmd`: lr, lr_end,
+    warmup_steps, decay_steps, dead_window (steps), aux (AuxK coefficient); `save_dir` writes the trained SAE
+    in SAELens' inference format (for scoring elsewhere)."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(cmd.get("seed", 0))
     b, steps = cmd["batch"], cmd["tokens"] // cmd["batch"]
     d = x.shape[1]
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=d * cmd["expansion"], k=cmd["k"], device="cpu"))
+    d_sae = cmd.get("d_sae") or d * cmd["expansion"]
+    batch_topk = cmd.get("arch", "topk") == "batchtopk"
+    cfg_cls, sae_cls = ((BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE) if batch_topk
+                        else (TopKTrainingSAEConfig, TopKTrainingSAE))
+    sae = sae_cls(cfg_cls(d_in=d, d_sae=d_sae, k=cmd["k"], device="cpu", aux_loss_coefficient=cmd.get("aux", 1.0)))
+    lr = cmd.get("lr", 3e-4)
     starts: list[float] = []
-    trainer = SAETrainer(SAETrainerConfig(total_training_samples=steps * b, train_batch_size_samples=b,
-                                          device="cpu", lr_end=3e-5), sae, batches(x, b, starts))
+    trainer = SAETrainer(SAETrainerConfig(
+        total_training_samples=steps * b, train_batch_size_samples=b, device="cpu", lr=lr,
+        lr_end=cmd.get("lr_end", lr / 10), lr_warm_up_steps=cmd.get("warmup_steps", 0),
+        lr_decay_steps=cmd.get("decay_steps", 0), dead_feature_window=cmd.get("dead_window", 1000)),
+        sae, batches(x, b, starts))
     t0 = time.perf_counter()
     sae = trainer.fit()
     t_end = time.perf_counter()
@@ -104,6 +116,8 @@ def run_saelens(x: torch.Tensor, held: torch.Tensor, cmd: dict) -> dict:
         sae.eval()
         f = sae.encode(held)
         x_hat = sae.decode(f)
+        if cmd.get("save_dir"):
+            sae.save_inference_model(cmd["save_dir"])
     return _result(steps, b, ends, t_end - t0, *fvu_l0(held, x_hat, f))
 
 

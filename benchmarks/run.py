@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the actstore benchmarks and regenerate their sections of BENCHMARKS.md.
 
-    python benchmarks/run.py --quick            # smoke run, < 5 minutes on 2 cores (`make bench-quick`)
+    python benchmarks/run.py --quick            # smoke run, about 10 minutes on 2 cores (`make bench-quick`)
     python benchmarks/run.py                    # full run (`make bench`)
     python benchmarks/run.py --only extract --only sae
 
@@ -38,7 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import RESULTS, CpuMeter, Ctx, env_block, log, machine, versions  # noqa: E402
 
-MODULES = ["extract", "peers_extract", "reads", "codecs", "sae", "spectra", "scaling"]
+MODULES = ["extract", "peers_extract", "reads", "codecs", "sae", "sae_quality", "spectra", "scaling", "plan",
+           "encode", "spectral_series", "driver"]
 MD_PATH = ROOT / "BENCHMARKS.md"
 
 HEADER = """# Benchmarks
@@ -53,7 +54,7 @@ library versions, torch threads, the exact command and how much CPU other proces
 How to run (writes `benchmarks/results/*.json` and regenerates the sections between the `bench:` markers):
 
 ```
-make bench-quick      # .venv/bin/python benchmarks/run.py --quick   (< 5 min on 2 cores; CI smoke test only)
+make bench-quick      # .venv/bin/python benchmarks/run.py --quick   (~10 min on 2 cores; CI smoke test only)
 make bench            # .venv/bin/python benchmarks/run.py           (full sizes, Ray and peers; ~40 min)
 .venv/bin/python benchmarks/run.py --only extract --only sae         # selected sections
 ```
@@ -73,7 +74,7 @@ when missing. Models are built from configs (a GPT-2-small-shaped model with ran
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds (< 5 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds (about 10 minutes on 2 cores)")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
                     help=f"run only these sections (repeatable or comma-separated): {', '.join(MODULES)}")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per table (default 3 quick, 5 full)")

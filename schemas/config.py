@@ -6,23 +6,26 @@ values and combinations fail at construction with a one-line `ConfigError` that 
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actstore.schemas.errors import ConfigError  # noqa: F401  (defined with its siblings; raised here)
 from actstore.schemas.hooks import HookNameError, parse_hooks
+from actstore.schemas.validation import build
 
 StorageDtype = Literal["float32", "float16", "bfloat16"]
-MAX_CONFIG_BYTES = 1 << 20  # config files are tiny; a huge one is a mistake or an attack
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message is one line naming the field and the fix."""
+# Content fields added after stores were first written: left out of the config hash while at their default, so
+# that the stores written before them still resume and grow.
+LATER_FIELDS: dict[str, Any] = {"extensions": None, "part_bytes": 256 << 20, "part_docs": 100_000,
+                               "span_field": None}
+# Fields that say where and how a run executes, never what it stores: outside the config hash.
+RUN_FIELDS = frozenset({"output", "executor", "ray_address", "num_workers", "min_workers", "max_workers",
+                        "threads_per_worker", "writer_threads", "shards_in_flight", "storage_options", "progress",
+                        "device", "lease_stale_after", "append", "overwrite"})
 
 
 class TokenOutputs(BaseModel):
@@ -31,11 +34,12 @@ class TokenOutputs(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
     topk: int = Field(default=0, ge=0, le=1000)
-    """Also store the k most likely next tokens and their log-probabilities per token (0: next-token loss only)."""
+    """Also store the k most likely next tokens and their log-probabilities per token (0: next-token loss, its
+    probability and the next-token entropy only)."""
 
 
 class ExtractConfig(BaseModel):
-    """Configuration of one extraction run (design §2)."""
+    """Configuration of one extraction run: every key of `actstore extract` YAML files, `--set` and Python dicts."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
@@ -53,8 +57,15 @@ class ExtractConfig(BaseModel):
     """A .txt/.jsonl/.parquet file, a directory or glob of those, or (Python only) a list of strings/dicts."""
     text_field: str = "text"
     """Field holding the document text in .jsonl/.parquet/dict records; other fields become docs.parquet columns."""
+    span_field: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    """Field of .jsonl/.parquet/dict records holding span labels `[{start, end, label}, ...]` (character offsets into the
+    text). The extraction maps them onto tokens as `labels/<span_field>.parquet` (as `actstore label` does) and
+    leaves the field out of docs.parquet; a record without it has no spans."""
     split: Literal["document", "lines"] = "document"
     """For .txt files: one document per file (document) or one per non-empty line (lines)."""
+    extensions: list[str] | None = None
+    """For a corpus directory: the file types to read, e.g. [.jsonl, .txt]; default: the type of its first file
+    (sorted), and files of other types are skipped and listed in a warning."""
     max_docs: int | None = Field(default=None, gt=0)
     """Read at most this many documents (in corpus order)."""
     hooks: list[str] = Field(min_length=1)
@@ -81,9 +92,33 @@ class ExtractConfig(BaseModel):
     ray_address: str | None = None
     """Ray cluster to join; RAY_ADDRESS does the same. With neither, a private local Ray is started."""
     num_workers: int | None = Field(default=None, gt=0)
-    """Model actors in the Ray pool (default: one per GPU, else 1 on CPU)."""
+    """Model actors in the Ray pool, a fixed size (default: one per GPU; on CPU clusters one per node, or one per
+    `threads_per_worker` CPUs; see min_workers/max_workers to let the pool grow with the cluster)."""
+    min_workers: int | None = Field(default=None, gt=0)
+    """Ray: the autoscaling actor pool's lower bound (default: the pool size the cluster has now)."""
+    max_workers: int | None = Field(default=None, gt=0)
+    """Ray: the autoscaling actor pool's upper bound; nodes an autoscaler adds get actors up to it (default: the
+    pool size the cluster has now, i.e. a fixed pool)."""
+    threads_per_worker: int | None = Field(default=None, gt=0)
+    """Ray on CPU nodes: torch threads per model actor; a node gets one actor per this many CPUs (default: one actor
+    per node using all of its CPUs). Float32 bits depend on the thread count: keep it fixed across runs that must
+    match byte for byte."""
+    writer_threads: int = Field(default=2, ge=1, le=64)
+    """Threads per worker that convert, hash, compress and write finished shards while the model runs the next."""
+    shards_in_flight: int = Field(default=2, ge=1, le=64)
+    """Finished shards a worker may hold in memory waiting for its writer threads (bounds memory; at 1 the forward
+    pass waits for each shard's write)."""
+    part_bytes: int = Field(default=256 << 20, ge=1)
+    """Corpus files are read in parts of about this many bytes: small files are grouped, larger .jsonl/.txt files
+    are cut at line boundaries and .parquet files at row groups. Packing never crosses a part, and shard ids derive
+    from (part, position in part), so it is part of what a store holds."""
+    part_docs: int = Field(default=100_000, ge=1)
+    """A corpus given as a Python list is cut into parts of this many documents (see part_bytes)."""
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     """fsspec options for output and corpus (endpoint, key, secret). Never logged or stored."""
+    overwrite: bool = False
+    """Replace an actstore store or interrupted run already at `output` (never a folder holding other files).
+    Without it, a complete store of another config is refused and an interrupted run of this config resumes."""
     progress: bool = True
     """Show a progress bar (tokens, tokens/s, ETA)."""
     lease_stale_after: float = Field(default=60.0, gt=0)
@@ -99,17 +134,6 @@ class ExtractConfig(BaseModel):
     index. tokens: add the documents of a new `corpus` after the store's rows (its own max_docs, text_field and
     split may differ); every other content field, `hooks` included, must equal the store's. Not part of the
     config hash: it changes no stored byte, and the grown store records the config that describes all of it."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    close = difflib.get_close_matches(str(key), list(cls.model_fields), n=1)
-                    hint = f" (did you mean {close[0]!r}?)" if close else ""
-                    raise ValueError(f"unknown config key {key!r}{hint}")
-        return data
 
     @field_validator("hooks")
     @classmethod
@@ -127,6 +151,18 @@ class ExtractConfig(BaseModel):
             raise ValueError("output must be a non-empty path or URL")
         return v
 
+    @field_validator("extensions")
+    @classmethod
+    def _extensions(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        out = [e if e.startswith(".") else f".{e}" for e in v]
+        bad = [e for e in out if e not in (".txt", ".jsonl", ".parquet")]
+        if bad or not out:
+            raise ValueError(f"{bad[0] if bad else 'an empty list'} is not a corpus file type; use .txt, .jsonl "
+                             "or .parquet")
+        return out
+
     @field_validator("corpus")
     @classmethod
     def _corpus(cls, v: Any) -> Any:
@@ -136,31 +172,27 @@ class ExtractConfig(BaseModel):
             raise ValueError("corpus must be a path, glob or list of documents")
         return v
 
+    @model_validator(mode="after")
+    def _pool(self) -> ExtractConfig:
+        if self.num_workers is not None and (self.min_workers is not None or self.max_workers is not None):
+            raise ValueError("num_workers fixes the pool size; give either num_workers or min_workers/max_workers")
+        if self.min_workers is not None and self.max_workers is not None and self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) is above max_workers ({self.max_workers})")
+        return self
+
     # ---- construction helpers -------------------------------------------------------------------------------
     @classmethod
     def build(cls, source: ExtractConfig | dict | str | Path, overrides: list[str] | None = None) -> ExtractConfig:
-        """Build from a config object, dict or YAML path, applying `key=value` overrides (YAML-typed values)."""
-        if isinstance(source, ExtractConfig):
-            data = source.model_dump()
-        elif isinstance(source, dict):
-            data = dict(source)
-        else:
-            data = load_yaml(source)
-        for item in overrides or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"--set {item!r}: expected key=value")
-            data[key.strip()] = yaml.safe_load(value)
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(one_line(e)) from None
+        """Build from a config object, dict or YAML path, applying `key=value` overrides (YAML-typed values;
+        dotted keys reach nested settings, e.g. `token_outputs.topk=5`)."""
+        return build(cls, source, overrides)
 
     def content_dict(self) -> dict[str, Any]:
         """Fields that determine the stored bytes (what the config hash covers)."""
-        skip = {"output", "executor", "ray_address", "num_workers", "storage_options", "progress", "device",
-                "lease_stale_after", "append"}
-        data = self.model_dump(exclude=skip)
+        data = self.model_dump(exclude=set(RUN_FIELDS))
+        for key, default in LATER_FIELDS.items():  # fields added later leave old hashes alone at their default
+            if data.get(key) == default:
+                data.pop(key, None)
         if not isinstance(self.corpus, str):
             data["corpus"] = "<in-memory>"  # its content is covered by the corpus hash instead
         return data
@@ -175,31 +207,3 @@ class ExtractConfig(BaseModel):
     def config_hash(self) -> str:
         blob = json.dumps(self.content_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file with a size limit and one-line errors."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    if p.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {str(p)!r} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"malformed YAML in {str(p)!r}{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values")
-    return data
-
-
-def one_line(err: ValidationError) -> str:
-    """Collapse a pydantic ValidationError into one line naming the field(s)."""
-    parts = []
-    for item in err.errors():
-        loc = ".".join(str(x) for x in item["loc"]) or "config"
-        msg = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "invalid config: " + "; ".join(parts)

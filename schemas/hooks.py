@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from actstore.schemas.errors import HookNameError  # noqa: F401  (defined with its siblings; raised here)
+
 # Kinds of per-block hook, in the order they fire inside a block.
 BLOCK_KINDS: tuple[str, ...] = (
     "hook_resid_pre",
@@ -23,10 +25,6 @@ BLOCK_KINDS: tuple[str, ...] = (
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in BLOCK_KINDS) + r")$")
 # A dotted Python attribute path with optional integer indices: transformer.h.3.mlp.c_fc
 _MODULE_RE = re.compile(r"^module:([A-Za-z_][A-Za-z0-9_]*|\d+)(\.([A-Za-z_][A-Za-z0-9_]*|\d+))*$")
-
-
-class HookNameError(ValueError):
-    """A hook name that does not follow the grammar or does not exist for the model."""
 
 
 @dataclass(frozen=True)

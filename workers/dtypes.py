@@ -9,15 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from actstore.schemas.errors import Float16OverflowError  # noqa: F401  (defined with its siblings; raised here)
+
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 # numpy dtype of the stored bytes for each storage dtype
 NUMPY_STORED = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 FLOAT16_MAX = 65504.0
-
-
-class Float16OverflowError(ValueError):
-    """Values too large for float16 storage; raised instead of silently writing inf."""
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, int]:

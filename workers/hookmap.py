@@ -1,93 +1,19 @@
-"""Map canonical hook names (design §4) to concrete modules of Hugging Face models, per model family.
+"""Map canonical hook names (TransformerLens-style) to concrete modules of Hugging Face models, per model family.
 
 Each hook point is a (module path relative to the block, "in" | "out") pair: "in" captures the first
 positional input of that module (a forward pre-hook), "out" its first output tensor (a forward hook).
 
-Post-LN BERT/MiniLM semantics (documented in the README): resid_pre is the block input (already layer-normed),
-attn_out is the attention projection before the residual add and LayerNorm, resid_mid = mlp_in is the normed
-stream entering the MLP, mlp.hook_post the GELU output, mlp_out the MLP projection before the residual add and
-LayerNorm, and resid_post the block output (after its LayerNorm; BERT has no final norm).
+What each name means in each family lives in `actstore.workers.families`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from actstore.schemas.hooks import BLOCK_KINDS, HookNameError, HookSpec
-
-Point = tuple[str, str]  # (module path relative to the block, "in" | "out")
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where a model family keeps its blocks and what each canonical hook means there."""
-
-    name: str
-    blocks: str  # path of the block list, relative to the base model
-    final_norm: str | None
-    points: dict[str, Point] = field(default_factory=dict)
-
-
-def _pre_ln(attn: str, mlp: str, ln_mlp: str, post: Point) -> dict[str, Point]:
-    return {
-        "hook_resid_pre": ("", "in"),
-        "hook_attn_out": (attn, "out"),
-        "hook_resid_mid": (ln_mlp, "in"),
-        "hook_mlp_in": (mlp, "in"),
-        "mlp.hook_post": post,
-        "hook_mlp_out": (mlp, "out"),
-        "hook_resid_post": ("", "out"),
-    }
-
-
-FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", "h", "ln_f", _pre_ln("attn", "mlp", "ln_2", ("mlp.act", "out"))),
-    "gpt_neox": Family(
-        "gpt_neox", "layers", "final_layer_norm",
-        _pre_ln("attention", "mlp", "post_attention_layernorm", ("mlp.act", "out")),
-    ),
-    # Llama-style gated MLP: hook_post is act(gate) * up, the input of down_proj (as in TransformerLens).
-    "llama": Family(
-        "llama", "layers", "norm", _pre_ln("self_attn", "mlp", "post_attention_layernorm", ("mlp.down_proj", "in"))
-    ),
-    "bert": Family(
-        "bert", "encoder.layer", None,
-        {
-            "hook_resid_pre": ("", "in"),
-            "hook_attn_out": ("attention.output.dense", "out"),
-            "hook_resid_mid": ("attention", "out"),
-            "hook_mlp_in": ("intermediate", "in"),
-            "mlp.hook_post": ("intermediate", "out"),
-            "hook_mlp_out": ("output.dense", "out"),
-            "hook_resid_post": ("", "out"),
-        },
-    ),
-}
-# model_type -> family for architectures that share a layout
-ALIASES = {
-    "gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "mistral": "llama", "qwen2": "llama",
-    "qwen3": "llama", "bert": "bert", "roberta": "bert", "xlm-roberta": "bert",
-}
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture has no canonical hook map."""
-
-
-def family_for(config: Any) -> Family | None:
-    """The family of a transformers config, or None when only module: hooks can be used."""
-    name = ALIASES.get(getattr(config, "model_type", ""))
-    return FAMILIES[name] if name else None
-
-
-def n_layers_of(config: Any) -> int | None:
-    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(config, attr, None), int):
-            return getattr(config, attr)
-    return None
+from actstore.workers.families import family_for, n_layers_of
 
 
 def available_kinds(config: Any) -> list[str]:
@@ -102,9 +28,38 @@ def valid_names_text(config: Any) -> str:
     """Valid hook names for a model, one line per kind (for error messages)."""
     n = n_layers_of(config)
     if family_for(config) is None or n is None:
-        return "only module:<dotted.path> hooks (list paths with `actstore inspect-model MODEL`)"
+        return f"only module:<dotted.path> hooks, e.g. {module_paths_text(config)}"
     lines = [f"blocks.0..{n - 1}.{k}" for k in available_kinds(config)]
     return "; ".join(lines) + "; or module:<dotted.path>"
+
+
+def module_paths(config: Any, limit: int = 12) -> tuple[str, int, list[str]] | None:
+    """(block list path, number of blocks, paths inside block 0) of the model a config describes, or None.
+
+    The model is built on the meta device (no weights, no memory), so this works from the config alone."""
+    import torch
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except Exception:  # remote code, composite configs, ...: the caller falls back to generic advice
+        return None
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            inner = [f"{path}.0.{name}" for name, _ in mod[0].named_modules() if name and name.count(".") < 2]
+            return path, len(mod), inner[:limit]
+    return None
+
+
+def module_paths_text(config: Any) -> str:
+    """Real module: paths of this model for error messages (block outputs and block 0's submodules)."""
+    found = module_paths(config)
+    if found is None:
+        return "module:<path> with a path from print(AutoModel.from_pretrained(MODEL))"
+    blocks, n, inner = found
+    return (f"module:{blocks}.0 .. module:{blocks}.{n - 1} (block outputs); inside a block: "
+            + ", ".join(f"module:{p}" for p in inner))
 
 
 def check_hooks(specs: list[HookSpec], config: Any) -> None:
@@ -116,8 +71,8 @@ def check_hooks(specs: list[HookSpec], config: Any) -> None:
             continue
         if fam is None or n is None:
             raise HookNameError(
-                f"model type {mt!r} has no canonical hook map, so {s.name!r} cannot be resolved; "
-                f"use module:<dotted.path> hooks instead (e.g. module:layers.0)"
+                f"model type {mt!r} has no canonical hook map, so {s.name!r} cannot be resolved; use "
+                f"module:<dotted.path> hooks (a module's output) instead: {module_paths_text(config)}"
             )
         if s.layer >= n or s.kind not in available_kinds(config):
             why = f"layer {s.layer} is out of range (model has {n} layers)" if s.layer >= n else "not available"

@@ -18,10 +18,9 @@ and the mapping is kept in ``ProbeResult.classes``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,7 +29,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from actstore.schemas.errors import AnalysisError, ConfigError
+from actstore.schemas.probe import ProbeConfig
 from actstore.workers.probe_metrics import binary_metrics, multiclass_metrics
+from actstore.workers.threads import torch_threads
 
 PoolHow = Literal["mean", "last", "max"]
 SPLITS = ("train", "val", "test")
@@ -43,14 +45,14 @@ _POOL_HOWS = ("mean", "last", "max")
 def _check_pool_inputs(acts: Any, doc_ids: Any, special_mask: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     acts, doc_ids = np.asarray(acts), np.asarray(doc_ids).reshape(-1)
     if acts.ndim != 2:
-        raise ValueError(f"acts: expected a 2-D (n_tokens, d) array, got shape {acts.shape}")
+        raise AnalysisError(f"acts: expected a 2-D (n_tokens, d) array, got shape {acts.shape}")
     if len(doc_ids) != len(acts):
-        raise ValueError(f"doc_ids: length {len(doc_ids)} != {len(acts)} activation rows")
+        raise AnalysisError(f"doc_ids: length {len(doc_ids)} != {len(acts)} activation rows")
     if special_mask is None:
         return acts, doc_ids, np.ones(len(acts), dtype=bool)
     special = np.asarray(special_mask, dtype=bool).reshape(-1)
     if len(special) != len(acts):
-        raise ValueError(f"special_mask: length {len(special)} != {len(acts)} activation rows")
+        raise AnalysisError(f"special_mask: length {len(special)} != {len(acts)} activation rows")
     return acts, doc_ids, ~special
 
 
@@ -93,7 +95,7 @@ class PoolAccumulator:
 
     def __init__(self, how: PoolHow = "mean") -> None:
         if how not in _POOL_HOWS:
-            raise ValueError(f"how: must be one of {_POOL_HOWS} (got {how!r})")
+            raise ConfigError(f"how: must be one of {_POOL_HOWS} (got {how!r})")
         self.how = how
         self._rows_seen = 0
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -122,8 +124,8 @@ class PoolAccumulator:
 
     def _compact(self) -> None:
         if len(self._parts) > 1:
-            cat = [np.concatenate(arrs) for arrs in zip(*self._parts, strict=True)]
-            self._parts = [_reduce_groups(*cat, self.how)]
+            ids, acts, ones, rows = (np.concatenate(arrs) for arrs in zip(*self._parts, strict=True))
+            self._parts = [_reduce_groups(ids, acts, ones, rows, self.how)]
         self._compacted_rows = len(self._parts[0][0]) if self._parts else 0
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +179,7 @@ def _doc_strata(inverse: np.ndarray, n_docs: int, labels: Any, n_splits: int) ->
         return np.zeros(n_docs, dtype=np.int64)
     codes = np.unique(np.asarray(labels).reshape(-1), return_inverse=True)[1].reshape(-1)
     if len(codes) != len(inverse):
-        raise ValueError(f"labels: length {len(codes)} != doc_ids length {len(inverse)}")
+        raise AnalysisError(f"labels: length {len(codes)} != doc_ids length {len(inverse)}")
     per_doc = np.zeros(n_docs, dtype=np.int64)
     per_doc[inverse] = codes
     if not np.array_equal(per_doc[inverse], codes):
@@ -195,7 +197,7 @@ def split_by_document(doc_ids: Any, seed: int, fractions: Sequence[float] = (0.6
     enough documents; rarer classes are pooled into one shared stratum. Deterministic for a given seed.
     """
     if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or sum(fractions) <= 0:
-        raise ValueError(f"fractions: need (train > 0, val >= 0, test >= 0), got {tuple(fractions)}")
+        raise ConfigError(f"fractions: need (train > 0, val >= 0, test >= 0), got {tuple(fractions)}")
     docs, inverse = np.unique(np.asarray(doc_ids).reshape(-1), return_inverse=True)
     n_splits = sum(f > 0 for f in fractions)
     strata = _doc_strata(inverse.reshape(-1), len(docs), labels, n_splits)
@@ -210,78 +212,14 @@ def split_by_document(doc_ids: Any, seed: int, fractions: Sequence[float] = (0.6
 # ----------------------------------------------------------------------------------------------- config
 
 
-@dataclass
-class ProbeConfig:
-    """How to train a probe. Defaults suit a few hundred to a few hundred thousand rows of d <= ~8k."""
-
-    kind: Literal["logistic", "mlp"] = "logistic"
-    """'logistic': linear probe (sigmoid / softmax) fit by full-batch L-BFGS; 'mlp': one hidden layer, AdamW."""
-    hidden: int = 128
-    """MLP hidden width (ignored by the logistic probe)."""
-    l2: float | tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-    """Logistic: penalty 0.5 * l2 * ||W||^2 added to the mean cross-entropy (bias unpenalised, features
-    standardised). A tuple is a grid: every value is fit (warm-started from strong to weak) and the one with
-    the lowest validation loss is kept, so the test split never influences the choice."""
-    weight_decay: float = 1e-4
-    """MLP: AdamW decoupled weight decay."""
-    lr: float = 1e-3
-    """MLP: AdamW learning rate (L-BFGS uses a strong-Wolfe line search and needs none)."""
-    max_iter: int = 500
-    """Logistic: L-BFGS iteration cap per l2 value."""
-    epochs: int = 300
-    """MLP: maximum number of epochs."""
-    batch_size: int = 128
-    """MLP: rows per AdamW step."""
-    patience: int = 30
-    """MLP: stop after this many epochs without a lower validation loss; the best epoch's weights are kept."""
-    seed: int = 0
-    """Seeds the document split and the MLP initialisation and shuffling (L-BFGS itself is deterministic)."""
-    standardize: bool = True
-    """z-score features with the train split's mean / std (folded into the returned model as its first layer)."""
-    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    """Fractions of documents for train / val / test (val may be 0: then model selection uses the train loss)."""
-    stratify: bool = True
-    """Stratify the document split by label (when every document has a single label)."""
-    threshold: float = 0.5
-    """Binary: predicted positive when P(positive) >= threshold (accuracy, F1, precision, recall)."""
-    positive_label: Any = None
-    """Binary: the label of the positive class; None = the larger of the two sorted labels (True, 1, 'yes' > 'no')."""
-    device: str = "cpu"
-    """torch device to train on."""
-    threads: int | None = None
-    """torch intra-op threads while training (restored afterwards); None = leave torch's setting alone. Probe
-    matrices are small, so on a busy machine 1 thread is often fastest (idle OpenMP threads spin-wait)."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("logistic", "mlp"):
-            raise ValueError(f"ProbeConfig.kind: must be 'logistic' or 'mlp' (got {self.kind!r})")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"ProbeConfig.threads: must be >= 1 or None (got {self.threads!r})")
-        for name in ("hidden", "max_iter", "epochs", "batch_size", "patience"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"ProbeConfig.{name}: must be >= 1 (got {getattr(self, name)!r})")
-        grid = self.l2 if isinstance(self.l2, tuple | list) else (self.l2,)
-        if not grid or any(not (v >= 0) for v in grid):
-            raise ValueError(f"ProbeConfig.l2: must be a non-negative number or a non-empty tuple (got {self.l2!r})")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"ProbeConfig.lr / weight_decay: need lr > 0 and weight_decay >= 0 "
-                             f"(got {self.lr!r}, {self.weight_decay!r})")
-        f = tuple(self.fractions)
-        if len(f) != 3 or min(f) < 0 or f[0] <= 0 or f[2] <= 0 or not math.isclose(sum(f), 1.0, abs_tol=1e-6):
-            raise ValueError(f"ProbeConfig.fractions: need (train > 0, val >= 0, test > 0) summing to 1 (got {f})")
-
-    @property
-    def l2_grid(self) -> tuple[float, ...]:
-        """The l2 values to try, strongest first (each fit warm-starts the next, weaker one)."""
-        grid = self.l2 if isinstance(self.l2, tuple | list) else (self.l2,)
-        return tuple(sorted((float(v) for v in grid), reverse=True))
-
-
 # ----------------------------------------------------------------------------------------------- models
 
 
 class Standardize(nn.Module):
     """(x - mean) / std with train-split statistics, so the probe reads raw activations."""
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, mean: Tensor, std: Tensor) -> None:
         super().__init__()
@@ -339,6 +277,7 @@ def _train_logistic(data: dict[str, tuple[Tensor, Tensor]], n_out: int,
             sel_loss = float(_loss(lin(z_sel), sel_y))
         if best is None or sel_loss < best[0]:
             best = (sel_loss, l2, copy.deepcopy(lin.state_dict()))
+    assert best is not None  # the l2 grid is never empty (ProbeConfig checks it)
     lin.load_state_dict(best[2])
     return nn.Sequential(std, lin), {"l2": best[1], "selection_loss": best[0]}
 
@@ -380,7 +319,7 @@ def _predict_logits(model: nn.Module, x: Any, chunk: int = 65536) -> Tensor:
     p = next(model.parameters())
     x = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
     if x.ndim != 2:
-        raise ValueError(f"x: expected a 2-D (n, d) array, got shape {tuple(x.shape)}")
+        raise AnalysisError(f"x: expected a 2-D (n, d) array, got shape {tuple(x.shape)}")
     model.eval()
     with torch.no_grad():
         # max(.., 1): an empty input still yields a (0, n_out) result with the right width.
@@ -433,15 +372,15 @@ class ProbeResult:
 def _encode_labels(y: np.ndarray, positive_label: Any) -> tuple[np.ndarray, np.ndarray]:
     """(classes, class index per row); refuses missing labels, which must be dropped by the caller."""
     if y.dtype == object and any(v is None or (isinstance(v, float) and math.isnan(v)) for v in y):
-        raise ValueError("y: missing labels (None/NaN); drop those documents before training")
+        raise AnalysisError("y: missing labels (None/NaN); drop those documents before training")
     if y.dtype.kind == "f" and np.isnan(y).any():
-        raise ValueError("y: missing labels (NaN); drop those documents before training")
+        raise AnalysisError("y: missing labels (NaN); drop those documents before training")
     classes, idx = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError(f"y: need at least 2 classes, got {classes.tolist()}")
+        raise AnalysisError(f"y: need at least 2 classes, got {classes.tolist()}")
     if positive_label is not None:
         if len(classes) != 2 or positive_label not in classes.tolist():
-            raise ValueError(f"ProbeConfig.positive_label: {positive_label!r} is not one of two labels "
+            raise ConfigError(f"ProbeConfig.positive_label: {positive_label!r} is not one of two labels "
                              f"{classes.tolist()}")
         if classes[0] == positive_label:
             classes, idx = classes[::-1].copy(), 1 - idx
@@ -469,20 +408,8 @@ def train_probe_arrays(x: Any, y: Any, doc_ids: Any = None, cfg: ProbeConfig | N
     computed per row on the test documents; the l2 value / early-stopping epoch is chosen on validation.
     """
     cfg = cfg or ProbeConfig()
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         return _train_probe_arrays(x, y, doc_ids, cfg)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (a process-wide setting, hence restored)."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _train_probe_arrays(x: Any, y: Any, doc_ids: Any, cfg: ProbeConfig) -> ProbeResult:
@@ -490,13 +417,13 @@ def _train_probe_arrays(x: Any, y: Any, doc_ids: Any, cfg: ProbeConfig) -> Probe
     y_np = np.asarray(y).reshape(-1)
     ids = np.arange(len(x_np)) if doc_ids is None else np.asarray(doc_ids).reshape(-1)
     if x_np.ndim != 2 or not (len(x_np) == len(y_np) == len(ids)):
-        raise ValueError(f"x, y, doc_ids: need x (n, d) and y, doc_ids (n,), got {x_np.shape}, "
+        raise AnalysisError(f"x, y, doc_ids: need x (n, d) and y, doc_ids (n,), got {x_np.shape}, "
                          f"{y_np.shape}, {ids.shape}")
     classes, y_idx = _encode_labels(y_np, cfg.positive_label)
     split = split_by_document(ids, cfg.seed, cfg.fractions, labels=y_np if cfg.stratify else None)
     rows = {name: np.flatnonzero(np.isin(ids, split[name])) for name in SPLITS}
     if len(np.unique(y_idx[rows["train"]])) < 2:
-        raise ValueError("y: the train split holds a single class; more documents per class are needed")
+        raise AnalysisError("y: the train split holds a single class; more documents per class are needed")
     dtype = torch.float64 if cfg.kind == "logistic" else torch.float32
     data = {name: (torch.as_tensor(x_np[r], dtype=dtype, device=cfg.device),
                    torch.as_tensor(y_idx[r], device=cfg.device)) for name, r in rows.items()}

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from actstore.schemas.errors import AnalysisError
+
 FPR_TARGETS = {"recall_at_1pct_fpr": 0.01, "recall_at_5pct_fpr": 0.05}
 """Metric name -> FPR budget for the recall-at-fixed-FPR metrics."""
 
@@ -34,7 +36,7 @@ def _binary_labels(y_true: Any) -> np.ndarray:
     if y.dtype == bool:
         return y
     if not np.isin(y, (0, 1)).all():
-        raise ValueError("y_true: binary metrics need bool or 0/1 labels")
+        raise AnalysisError("y_true: binary metrics need bool or 0/1 labels")
     return y.astype(bool)
 
 
@@ -106,7 +108,7 @@ def binary_metrics(y_true: Any, scores: Any, threshold: float = 0.5) -> dict[str
     y = _binary_labels(y_true)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(y) != len(s):
-        raise ValueError(f"scores: length {len(s)} != y_true length {len(y)}")
+        raise AnalysisError(f"scores: length {len(s)} != y_true length {len(y)}")
     pred = s >= threshold
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
@@ -120,7 +122,11 @@ def binary_metrics(y_true: Any, scores: Any, threshold: float = 0.5) -> dict[str
         "recall": recall,
     }
     out.update({name: recall_at_fpr(y, s, t) for name, t in FPR_TARGETS.items()})
-    out.update({"threshold": float(threshold), "n": float(len(y)), "n_pos": float(tp + fn)})
+    n_neg = int(len(y) - (tp + fn))
+    # A recall at FPR t is read off the ~t * n_neg highest-scoring negatives: with fewer than 10 of them the
+    # number is mostly noise, so it is flagged (reliable needs n_neg >= 10 / t).
+    out.update({f"{name}_reliable": bool(n_neg >= 10 / t) for name, t in FPR_TARGETS.items()})
+    out.update({"threshold": float(threshold), "n": float(len(y)), "n_pos": float(tp + fn), "n_neg": float(n_neg)})
     return out
 
 
@@ -140,9 +146,9 @@ def multiclass_metrics(y_true: Any, probs: Any) -> dict[str, float]:
     y = np.asarray(y_true).reshape(-1).astype(np.int64)
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] != len(y):
-        raise ValueError(f"probs: expected shape ({len(y)}, n_classes), got {p.shape}")
+        raise AnalysisError(f"probs: expected shape ({len(y)}, n_classes), got {p.shape}")
     if len(y) and (y.min() < 0 or y.max() >= p.shape[1]):
-        raise ValueError(f"y_true: class indices must lie in [0, {p.shape[1]})")
+        raise AnalysisError(f"y_true: class indices must lie in [0, {p.shape[1]})")
     pred = p.argmax(axis=1)
     ranked = [k for k in range(p.shape[1]) if 0 < (y == k).sum() < len(y)]
 

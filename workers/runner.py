@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from actstore.schemas.errors import (
+    HookNameError,
+    ModelLoadError,  # noqa: F401  (defined with its siblings; raised here)
+)
 from actstore.schemas.hooks import HookSpec, parse_hooks
 from actstore.workers import hookmap, token_outputs
 from actstore.workers.dtypes import TORCH_DTYPES, to_storage
-
-
-class ModelLoadError(ValueError):
-    """The model (or its config/tokenizer) could not be loaded; the message says why in one line."""
 
 
 class _StopForward(Exception):
@@ -43,9 +43,20 @@ def load_config(model: str, revision: str | None = None, trust_remote_code: bool
         raise ModelLoadError(f"cannot load model config {model!r}: {first}") from None
 
 
+# Files any Hugging Face tokenizer is saved as; a model folder holding none of them has no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "merges.txt", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(model: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer; a local folder without tokenizer files is an error (transformers would otherwise
+    build an empty tokenizer that turns every document into zero tokens)."""
     from transformers import AutoTokenizer
 
+    local = os.path.expanduser(model)
+    if os.path.isdir(local) and not any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"no tokenizer in {model!r} (none of {', '.join(TOKENIZER_FILES[:4])}, ...); save it "
+                             "there with tokenizer.save_pretrained(DIR), or point model: at a folder that has one")
     try:
         return AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -199,4 +210,4 @@ def _first_tensor(out: Any) -> torch.Tensor:
     for item in out:
         if isinstance(item, torch.Tensor):
             return item
-    raise TypeError(f"hooked module returned no tensor ({type(out).__name__})")
+    raise HookNameError(f"hooked module returned no tensor ({type(out).__name__})")

@@ -6,6 +6,7 @@ Ray run and a local run of one config produce byte-identical shards.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,20 +30,53 @@ class TaskOptions:
     compression: str
 
 
-def run_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root: str) -> ShardInfo:
-    """Forward every sequence of `plan` in batches, then write and commit the shard."""
+@dataclass
+class Forwarded:
+    """A shard after its forward passes, waiting to be written: the stored rows of every hook and their extras."""
+
+    plan: ShardPlan
+    arrays: dict[str, np.ndarray]
+    overflow: dict[str, int]
+    specs: list[ArraySpec]
+    outputs: dict[str, np.ndarray] | None = None
+
+
+def forward_plan(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions) -> Forwarded:
+    """The model's part of a shard task (holds the runner; the write can run elsewhere, see `write_forwarded`)."""
     outputs = {} if runner.outputs_topk is not None else None
     arrays, overflow = forward_shard(runner, plan, opts, outputs)
     specs = [ArraySpec(s.name, arrays[s.name].shape[1], opts.dtype) for s in runner.specs]
+    return Forwarded(plan, arrays, overflow, specs, outputs)
+
+
+def write_forwarded(fwd: Forwarded, opts: TaskOptions, fs, root: str, pool: Executor | None = None) -> ShardInfo:
+    """Write and commit a forwarded shard (hooks written in parallel on `pool` when given)."""
+    plan = fwd.plan
     meta = {
         "seq_start": plan.seq_start, "seq_end": plan.seq_start + len(plan.sequences),
-        "token_start": plan.token_start, "token_end": plan.token_start + plan.n_tokens,
+        "token_start": plan.token_start, "token_end": plan.token_start + plan.n_tokens, "part": plan.part,
     }
     tokens = plan.tokens_table()
+    outputs = token_outputs.to_table(fwd.outputs) if fwd.outputs is not None else None
     return with_retries(
-        lambda: write_shard(fs, root, plan.shard_id, meta, tokens, arrays, specs, opts.compression, overflow,
-                            token_outputs.to_table(outputs) if outputs is not None else None),
+        lambda: write_shard(fs, root, plan.shard_id, meta, tokens, fwd.arrays, fwd.specs, opts.compression,
+                            fwd.overflow, outputs, pool),
         f"writing shard {plan.shard_id}",
+    )
+
+
+def run_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, root: str) -> ShardInfo:
+    """Forward every sequence of `plan` in batches, then write and commit the shard."""
+    return write_forwarded(forward_plan(runner, plan, opts), opts, fs, root)
+
+
+def append_forwarded(fwd: Forwarded, opts: TaskOptions, fs, root: str, tag: str, pool: Executor | None = None) -> dict:
+    """Add a forwarded shard's (new) hook arrays to its committed shard (`append: hooks`); returns the record."""
+    tokens = fwd.plan.tokens_table()
+    return with_retries(
+        lambda: append_arrays(fs, root, fwd.plan.shard_id, tag, tokens, fwd.arrays, fwd.specs, opts.compression,
+                              fwd.overflow, pool),
+        f"appending hooks to shard {fwd.plan.shard_id}",
     )
 
 
@@ -52,13 +86,7 @@ def append_shard(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions, fs, ro
     The rows come from the same batching as `run_shard`, so they equal what a run with every hook would store.
     Returns the shard's append record (see `shard_writer.append_arrays`).
     """
-    arrays, overflow = forward_shard(runner, plan, opts)
-    specs = [ArraySpec(s.name, arrays[s.name].shape[1], opts.dtype) for s in runner.specs]
-    tokens = plan.tokens_table()
-    return with_retries(
-        lambda: append_arrays(fs, root, plan.shard_id, tag, tokens, arrays, specs, opts.compression, overflow),
-        f"appending hooks to shard {plan.shard_id}",
-    )
+    return append_forwarded(forward_plan(runner, plan, opts), opts, fs, root, tag)
 
 
 def forward_shard(

@@ -6,6 +6,10 @@ run and is rewritten. On local disks the shard is built under shards/.tmp/ and r
 object stores have no rename, so there the files go to the final prefix and the commit record's PUT is the
 atomic step. The same input always produces the same bytes, so a retried or duplicated task is harmless.
 
+Every activation chunk ends with Zarr v3's crc32c checksum codec, so any reader (zarr, or the raw local reader)
+detects a chunk whose bytes changed. Hooks of a shard are written (created, filled, hashed, and their statistics
+computed) in parallel when the caller passes a thread pool; the bytes are the same either way.
+
 `append: hooks` adds arrays to a committed shard without changing its files (acts.zarr/<new hook>,
 stats-<tag>.safetensors, then append-<tag>.json as that append's commit record: see `append_arrays`).
 """
@@ -18,7 +22,10 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,14 +34,14 @@ import zarr
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from actstore.schemas import layout
+from actstore.schemas.errors import StoreError
 from actstore.schemas.manifest import ShardInfo
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED, decode
 from actstore.workers.stats import HookStats
-from actstore.workers.token_outputs import OUTPUTS_FILE
 
 CHUNK_BYTES = 4 << 20  # ~4 MiB full-width chunks: large enough for fast scans, small enough to shuffle
-COMMIT_FILE = "shard.json"
 _APPEND_RE = re.compile(r"^append-([0-9a-f]{8,64})\.json$")  # commit records of `append: hooks`, one per append
 
 
@@ -48,15 +55,15 @@ class ArraySpec:
 
 
 def shard_path(root: str, shard_id: str) -> str:
-    return storage.join(root, "shards", shard_id)
+    return layout.shard_dir(root, shard_id)
 
 
 def is_committed(fs, root: str, shard_id: str) -> bool:
-    return fs.exists(storage.join(shard_path(root, shard_id), COMMIT_FILE))
+    return fs.exists(storage.join(shard_path(root, shard_id), layout.SHARD_RECORD))
 
 
 def read_commit(fs, root: str, shard_id: str) -> ShardInfo:
-    return ShardInfo.model_validate_json(fs.cat_file(storage.join(shard_path(root, shard_id), COMMIT_FILE)))
+    return ShardInfo.model_validate_json(fs.cat_file(storage.join(shard_path(root, shard_id), layout.SHARD_RECORD)))
 
 
 def chunk_rows(n: int, d: int, itemsize: int) -> int:
@@ -76,35 +83,41 @@ def sha256_array(arr: np.ndarray) -> str:
     return hashlib.sha256(data.reshape(-1).view(np.uint8) if data.size else b"").hexdigest()
 
 
-def _codecs(compression: str) -> list | None:
-    if compression == "zstd":
-        return [zarr.codecs.ZstdCodec(level=1)]
-    return None
+def _codecs(compression: str) -> list:
+    """Bytes-to-bytes codecs of an activation array: optional zstd, then always the crc32c checksum (last, so
+    it covers the bytes as stored)."""
+    checksum = zarr.codecs.Crc32cCodec()
+    return [zarr.codecs.ZstdCodec(level=1), checksum] if compression == "zstd" else [checksum]
+
+
+def _map(pool: Executor | None, fn: Callable[[Any], Any], items: list) -> list:
+    """fn over items, on `pool` when given (results in item order either way)."""
+    return list(pool.map(fn, items)) if pool is not None and len(items) > 1 else [fn(i) for i in items]
 
 
 def write_shard(
     fs, root: str, shard_id: str, meta: dict, tokens: pa.Table, arrays: dict[str, np.ndarray],
     specs: list[ArraySpec], compression: str = "none", overflow: dict[str, int] | None = None,
-    outputs: pa.Table | None = None,
+    outputs: pa.Table | None = None, pool: Executor | None = None,
 ) -> ShardInfo:
     """Write and commit one shard; `meta` holds seq/token ranges. Returns the committed ShardInfo.
 
     `outputs` (per-token model outputs, row-aligned with `tokens`) goes to outputs.parquet when given.
     """
     final = shard_path(root, shard_id)
-    work = storage.join(root, "shards", ".tmp", f"{shard_id}.{uuid.uuid4().hex[:12]}") if storage.is_local(fs) else final
+    work = storage.join(layout.tmp_dir(root), f"{shard_id}.{uuid.uuid4().hex[:12]}") if storage.is_local(fs) else final
     if fs.exists(final) and not is_committed(fs, root, shard_id) and work == final:
         fs.rm(final, recursive=True)  # debris of an interrupted attempt on an object store
     tok_bytes = _parquet_bytes(tokens)
     fs.makedirs(work, exist_ok=True)
-    storage.put(fs, storage.join(work, "tokens.parquet"), tok_bytes)
-    sums = _write_arrays(fs, work, arrays, specs, compression)
+    storage.put(fs, storage.join(work, layout.TOKENS), tok_bytes)
+    sums = _write_arrays(fs, work, arrays, specs, compression, pool)
     out_sha = None
     if outputs is not None:
         out_bytes = _parquet_bytes(outputs)
-        storage.put(fs, storage.join(work, OUTPUTS_FILE), out_bytes)
+        storage.put(fs, storage.join(work, layout.OUTPUTS), out_bytes)
         out_sha = hashlib.sha256(out_bytes).hexdigest()
-    storage.put(fs, storage.join(work, "stats.safetensors"), _stats_bytes(tokens, arrays, specs, overflow or {}))
+    storage.put(fs, storage.join(work, layout.SHARD_STATS), _stats_bytes(tokens, arrays, specs, overflow or {}, pool))
     doc = tokens.column("doc_id").to_numpy()
     info = ShardInfo(
         id=shard_id, n_tokens=tokens.num_rows, arrays=sums, tokens_sha256=hashlib.sha256(tok_bytes).hexdigest(),
@@ -118,10 +131,10 @@ def write_shard(
 def _commit(fs, work: str, final: str, info: ShardInfo) -> None:
     record = (info.model_dump_json(indent=1) + "\n").encode()
     if work == final:
-        storage.put_atomic(fs, storage.join(final, COMMIT_FILE), record)
+        storage.put_atomic(fs, storage.join(final, layout.SHARD_RECORD), record)
         return
-    storage.put_atomic(fs, storage.join(work, COMMIT_FILE), record)
-    if os.path.exists(os.path.join(final, COMMIT_FILE)):
+    storage.put_atomic(fs, storage.join(work, layout.SHARD_RECORD), record)
+    if os.path.exists(os.path.join(final, layout.SHARD_RECORD)):
         fs.rm(work, recursive=True)  # a duplicate task already committed identical bytes
         return
     if os.path.exists(final):
@@ -129,7 +142,7 @@ def _commit(fs, work: str, final: str, info: ShardInfo) -> None:
     try:
         os.rename(work, final)  # atomic on one filesystem: the shard appears complete or not at all
     except OSError:
-        if not os.path.exists(os.path.join(final, COMMIT_FILE)):
+        if not os.path.exists(os.path.join(final, layout.SHARD_RECORD)):
             raise
         fs.rm(work, recursive=True)  # lost a race against an identical duplicate
 
@@ -140,15 +153,17 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _write_arrays(fs, work: str, arrays: dict[str, np.ndarray], specs: list[ArraySpec], compression: str) -> dict:
-    store = storage.zarr_store(fs, storage.join(work, "acts.zarr"))
-    return _create_arrays(zarr.open_group(store, mode="w"), arrays, specs, compression)
+def _write_arrays(fs, work: str, arrays: dict[str, np.ndarray], specs: list[ArraySpec], compression: str,
+                  pool: Executor | None = None) -> dict:
+    store = storage.zarr_store(fs, storage.join(work, layout.ACTS))
+    return _create_arrays(zarr.open_group(store, mode="w"), arrays, specs, compression, pool)
 
 
-def _create_arrays(group: zarr.Group, arrays: dict[str, np.ndarray], specs: list[ArraySpec], compression: str) -> dict:
+def _create_arrays(group: zarr.Group, arrays: dict[str, np.ndarray], specs: list[ArraySpec], compression: str,
+                   pool: Executor | None = None) -> dict:
     """Create and fill one array per spec in `group`; returns hook -> SHA-256 of the stored bytes."""
-    sums = {}
-    for spec in specs:
+
+    def one(spec: ArraySpec) -> str:
         arr = arrays[spec.name]
         dt = NUMPY_STORED[spec.dtype]
         assert arr.dtype == dt and arr.shape[1] == spec.d, (spec, arr.dtype, arr.shape)
@@ -159,20 +174,25 @@ def _create_arrays(group: zarr.Group, arrays: dict[str, np.ndarray], specs: list
         )
         if arr.shape[0]:
             z[:] = arr
-        sums[spec.name] = sha256_array(arr)
-    return sums
+        return sha256_array(arr)
+
+    return dict(zip([s.name for s in specs], _map(pool, one, specs)))
 
 
-def _stats_bytes(tokens: pa.Table, arrays: dict, specs: list[ArraySpec], overflow: dict[str, int]) -> bytes:
+def _stats_bytes(tokens: pa.Table, arrays: dict, specs: list[ArraySpec], overflow: dict[str, int],
+                 pool: Executor | None = None) -> bytes:
     keep = ~tokens.column("special").to_numpy(zero_copy_only=False).astype(bool)
-    tensors: dict[str, np.ndarray] = {}
-    for spec in specs:
+
+    def one(spec: ArraySpec) -> HookStats:
         # Rows are selected and decoded chunk by chunk inside from_rows: no full copy of the array.
         # inf rows only exist with on_overflow: inf; they are counted as overflow, not averaged into stats.
-        st = HookStats.from_rows(
+        return HookStats.from_rows(
             arrays[spec.name], overflow.get(spec.name, 0), keep=None if keep.all() else keep,
             finite_only=spec.dtype == "float16", decode=lambda part, dt=spec.dtype: decode(part, dt),
         )
+
+    tensors: dict[str, np.ndarray] = {}
+    for spec, st in zip(specs, _map(pool, one, specs)):
         tensors.update(st.to_tensors(f"{spec.name}/"))
     # One metadata key: safetensors writes metadata in hash-map order, which would make the bytes vary.
     meta = json.dumps({"format": "actstore-shard-stats-v1", "hooks": [s.name for s in specs]})
@@ -180,17 +200,17 @@ def _stats_bytes(tokens: pa.Table, arrays: dict, specs: list[ArraySpec], overflo
 
 
 def read_stats(fs, root: str, shard_id: str, hooks: list[str]) -> dict[str, HookStats]:
-    tensors = st_load(fs.cat_file(storage.join(shard_path(root, shard_id), "stats.safetensors")))
+    tensors = st_load(fs.cat_file(layout.shard_file(root, shard_id, layout.SHARD_STATS)))
     return {h: HookStats.from_tensors(tensors, f"{h}/") for h in hooks}
 
 
 def read_shard_stats(fs, root: str, shard_id: str, hooks: list[str]) -> dict[str, HookStats]:
     """Like `read_stats`, but hooks added later by `append: hooks` are read from their append's stats file."""
-    tensors = st_load(fs.cat_file(storage.join(shard_path(root, shard_id), "stats.safetensors")))
+    tensors = st_load(fs.cat_file(layout.shard_file(root, shard_id, layout.SHARD_STATS)))
     missing = {h for h in hooks if f"{h}/n" not in tensors}
     for tag, rec in append_records(fs, root, shard_id) if missing else []:
         if missing & set(rec.get("hooks", [])):
-            tensors.update(st_load(fs.cat_file(storage.join(shard_path(root, shard_id), f"stats-{tag}.safetensors"))))
+            tensors.update(st_load(fs.cat_file(layout.shard_file(root, shard_id, layout.append_stats(tag)))))
     return {h: HookStats.from_tensors(tensors, f"{h}/") for h in hooks}
 
 
@@ -201,7 +221,7 @@ def read_shard_stats(fs, root: str, shard_id: str, hooks: list[str]) -> dict[str
 # interrupted append skips the shards that hold its record.
 
 def append_record_path(root: str, shard_id: str, tag: str) -> str:
-    return storage.join(shard_path(root, shard_id), f"append-{tag}.json")
+    return layout.shard_file(root, shard_id, layout.append_record(tag))
 
 
 def is_appended(fs, root: str, shard_id: str, tag: str) -> bool:
@@ -223,6 +243,7 @@ def append_records(fs, root: str, shard_id: str) -> list[tuple[str, dict]]:
 def append_arrays(
     fs, root: str, shard_id: str, tag: str, tokens: pa.Table, arrays: dict[str, np.ndarray],
     specs: list[ArraySpec], compression: str = "none", overflow: dict[str, int] | None = None,
+    pool: Executor | None = None,
 ) -> dict:
     """Add new hook arrays (and their statistics) to a committed shard without changing any of its files.
 
@@ -230,19 +251,20 @@ def append_arrays(
     are removed first: they were never part of the store. Returns the record written last.
     """
     if not is_committed(fs, root, shard_id):
-        raise FileNotFoundError(f"shard {shard_id} is not committed; cannot append hooks to it")
+        raise StoreError(f"shard {shard_id} is not committed; cannot append hooks to it")
     base, names = shard_path(root, shard_id), {s.name for s in specs}
     for other, rec in append_records(fs, root, shard_id):
         if other != tag and names & set(rec.get("hooks", [])):
-            for name in (f"append-{other}.json", f"stats-{other}.safetensors"):
+            for name in (layout.append_record(other), layout.append_stats(other)):
                 if fs.exists(storage.join(base, name)):
                     fs.rm(storage.join(base, name))
     for name in names:
-        if fs.find(storage.join(base, "acts.zarr", name)):
-            fs.rm(storage.join(base, "acts.zarr", name), recursive=True)
-    group = zarr.open_group(storage.zarr_store(fs, storage.join(base, "acts.zarr")), mode="r+")
-    sums = _create_arrays(group, arrays, specs, compression)
-    storage.put(fs, storage.join(base, f"stats-{tag}.safetensors"), _stats_bytes(tokens, arrays, specs, overflow or {}))
+        if fs.find(storage.join(base, layout.ACTS, name)):
+            fs.rm(storage.join(base, layout.ACTS, name), recursive=True)
+    group = zarr.open_group(storage.zarr_store(fs, storage.join(base, layout.ACTS)), mode="r+")
+    sums = _create_arrays(group, arrays, specs, compression, pool)
+    storage.put(fs, storage.join(base, layout.append_stats(tag)), _stats_bytes(tokens, arrays, specs, overflow or {},
+                                                                               pool))
     record = {"format": "actstore-append-v1", "tag": tag, "hooks": [s.name for s in specs], "arrays": sums,
               "overflow": {s.name: int((overflow or {}).get(s.name, 0)) for s in specs}}
     storage.put_atomic(fs, append_record_path(root, shard_id, tag), (json.dumps(record, indent=1) + "\n").encode())

@@ -5,16 +5,24 @@ Credentials live only in the `storage_options` passed here; nothing in this modu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from zarr.abc.store import Store as ZarrStore
 from zarr.storage import FsspecStore, LocalStore
+
+from actstore.schemas.errors import (
+    StorageError,  # noqa: F401  (defined with its siblings; raised here)
+    StoreError,
+)
+from actstore.schemas.layout import join  # noqa: F401  (re-exported: the one path joiner)
 
 
 def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -27,8 +35,6 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def join(*parts: str) -> str:
-    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)
 
 
 def zarr_store(fs: fsspec.AbstractFileSystem, path: str, read_only: bool = False) -> ZarrStore:
@@ -66,12 +72,33 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+@contextlib.contextmanager
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
+    """A binary file to stream a large object into; readers see it only once complete (local disks: a temporary
+    name renamed at the end; object stores: the upload completes when the file closes)."""
+    if not is_local(fs):
+        with fs.open(path, "wb") as f:
+            yield f
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str, limit: int | None = None) -> bytes:
     """Read a whole (small) object, refusing ones above `limit` bytes (JSON inputs have size limits)."""
     if limit is not None:
         size = fs.size(path)
         if size is not None and size > limit:
-            raise ValueError(f"{path} is {size} bytes, above the {limit}-byte limit for this file")
+            raise StoreError(f"{path} is {size} bytes, above the {limit}-byte limit for this file")
     return fs.cat_file(path)
 
 
@@ -80,10 +107,6 @@ def put(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     fs.pipe_file(path, data)
-
-
-class StorageError(OSError):
-    """A storage operation failed permanently (or kept failing); the message names the operation and cause."""
 
 
 _TRANSIENT_ERRNO = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.EINTR}
@@ -121,3 +144,15 @@ def with_retries(fn, what: str, attempts: int = 8, base_delay: float = 0.1, max_
                 raise StorageError(f"{what}: still failing after {attempts} attempts: {type(e).__name__}: "
                                    f"{str(e).splitlines()[0] if str(e) else ''}") from e
             time.sleep(min(max_delay, base_delay * 2**attempt) * (0.5 + random.random()))
+
+
+def upload_dir(local: str | os.PathLike, fs: fsspec.AbstractFileSystem, root: str, last: str | None = None) -> None:
+    """Copy a local folder's files under `root` (each PUT atomic), the file named `last` after all the others,
+    so its presence marks the copy complete."""
+    from pathlib import Path
+
+    files = sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    for p in files:
+        dest = join(root, *p.relative_to(local).parts)
+        data = p.read_bytes()
+        with_retries(lambda dest=dest, data=data: put_atomic(fs, dest, data), f"writing {dest}")

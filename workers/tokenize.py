@@ -8,17 +8,24 @@ the document of the token after it.
 
 No packing: each document is tokenized with the tokenizer's own special tokens, truncated to context_length.
 
-Shards take consecutive sequences until the next one would exceed `shard_tokens`; their ids are the index of
-their first sequence, so they derive from the input only.
+Character spans: every token carries the [start, end) character span of its document text that it came from
+(the fast tokenizer's offsets). Tokens that no text produced -- BOS/CLS/EOS/SEP/padding added by the tokenizer or
+the packer -- get (-1, -1). A document split across packed windows keeps offsets into the whole document.
+Slow (Python) tokenizers have no offsets: their sequences carry no spans and the token index no span columns.
+
+Shards take consecutive sequences until the next one would exceed `shard_tokens`; their ids derive from the input
+only (format v2: the part and the shard's position in it; v1: the index of the shard's first sequence).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+from actstore.schemas.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,11 +36,23 @@ class SpecialIds:
     special: frozenset[int]
 
 
+NO_SPAN = -1  # char_start/char_end of a token no document text produced (special tokens)
+
+
+@dataclass
+class Encoded:
+    """One document's token ids and their (n, 2) int32 character spans (None for slow tokenizers)."""
+
+    ids: list[int]
+    chars: np.ndarray | None = None
+
+
 @dataclass
 class Sequence:
     ids: np.ndarray  # int32 token ids
     doc: np.ndarray  # int64 doc id per token
     special: np.ndarray  # bool per token
+    chars: np.ndarray | None = None  # (n, 2) int32 character span per token in its document, -1 for specials
 
 
 @dataclass
@@ -41,9 +60,10 @@ class ShardPlan:
     """One shard's input: the unit of work, commit and resume."""
 
     shard_id: str
-    seq_start: int
-    token_start: int
+    seq_start: int  # seq_id of the first sequence
+    token_start: int  # row of the first token (v2: within the part)
     sequences: list[Sequence]
+    part: int | None = None  # v2: the corpus part
 
     @property
     def n_tokens(self) -> int:
@@ -56,10 +76,14 @@ class ShardPlan:
         pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lens]) if lens else np.zeros(0, np.int32)
         cat = (lambda k, dt: np.concatenate([getattr(s, k) for s in self.sequences]).astype(dt)) if lens else (
             lambda k, dt: np.zeros(0, dt))
-        return pa.table({
+        cols = {
             "token_id": pa.array(cat("ids", np.int32)), "doc_id": pa.array(cat("doc", np.int64)),
             "seq_id": pa.array(seq), "position": pa.array(pos), "special": pa.array(cat("special", np.bool_)),
-        })
+        }
+        if lens and all(s.chars is not None for s in self.sequences):
+            chars = cat("chars", np.int32).reshape(-1, 2)
+            cols["char_start"], cols["char_end"] = pa.array(chars[:, 0]), pa.array(chars[:, 1])
+        return pa.table(cols)
 
 
 def special_ids(tok) -> SpecialIds:
@@ -69,60 +93,99 @@ def special_ids(tok) -> SpecialIds:
     start = bos if bos is not None else cls_ if cls_ is not None else eos
     sep = sep_ if sep_ is not None and cls_ is not None else eos if eos is not None else sep_
     if start is None or sep is None:
-        raise ValueError("tokenizer has no BOS/CLS/EOS/SEP token, so documents cannot be packed; use packing: false")
+        raise ConfigError("tokenizer has no BOS/CLS/EOS/SEP token, so documents cannot be packed; use packing: false")
     pad = tok.pad_token_id if tok.pad_token_id is not None else sep
     return SpecialIds(int(start), int(sep), int(pad), frozenset(int(i) for i in tok.all_special_ids))
 
 
-def tokenize_batch(tok, texts: list[str], add_special: bool, max_length: int | None = None) -> list[list[int]]:
-    """Token ids for a batch of texts (fast tokenizers run the batch in Rust)."""
-    kw = {"truncation": True, "max_length": max_length} if max_length else {}
-    return tok(texts, add_special_tokens=add_special, verbose=False, **kw)["input_ids"]
+def tokenize_batch(tok, texts: list[str], add_special: bool, max_length: int | None = None) -> list[Encoded]:
+    """Token ids and character spans for a batch of texts (fast tokenizers run the batch in Rust)."""
+    kw: dict = {"truncation": True, "max_length": max_length} if max_length else {}
+    if not getattr(tok, "is_fast", False):
+        return [Encoded(ids) for ids in tok(texts, add_special_tokens=add_special, verbose=False, **kw)["input_ids"]]
+    enc = tok(texts, add_special_tokens=add_special, verbose=False, return_offsets_mapping=True,
+              return_special_tokens_mask=True, **kw)
+    out = []
+    for ids, offs, mask in zip(enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]):
+        chars = np.array(offs, np.int32).reshape(-1, 2)
+        # the tokenizer reports (0, 0) for the special tokens it added: no text produced them
+        chars[np.array(mask, bool)] = NO_SPAN
+        out.append(Encoded(list(ids), chars))
+    return out
 
 
-def pack(docs: Iterable[tuple[int, list[int]]], context_length: int, ids: SpecialIds) -> Iterator[Sequence]:
-    """Packed windows over (doc_id, token ids) pairs; see the module docstring for the rules."""
+def pack(docs: Iterable[tuple[int, Encoded]], context_length: int, ids: SpecialIds) -> Iterator[Sequence]:
+    """Packed windows over (doc_id, encoded document) pairs; see the module docstring for the rules."""
     body = context_length - 1
     buf_ids: list[int] = []
     buf_doc: list[int] = []
-    for doc_id, toks in docs:
-        if not toks:
+    buf_chars: list[np.ndarray] | None = []  # None once a document without spans (slow tokenizer) is seen
+    for doc_id, enc in docs:
+        if not enc.ids:
             continue  # an empty document contributes nothing (not even a separator)
-        buf_ids.extend(toks)
+        buf_ids.extend(enc.ids)
         buf_ids.append(ids.sep)
-        buf_doc.extend([doc_id] * (len(toks) + 1))
+        buf_doc.extend([doc_id] * (len(enc.ids) + 1))
+        if buf_chars is not None and enc.chars is not None:
+            buf_chars.extend([enc.chars, _NO_SPANS[:1]])
+        else:
+            buf_chars = None
         while len(buf_ids) >= body:
-            yield _window(buf_ids[:body], buf_doc[:body], ids)
+            chars = _take(buf_chars, body)
+            yield _window(buf_ids[:body], buf_doc[:body], chars, ids)
             del buf_ids[:body], buf_doc[:body]
     if buf_ids:
-        yield _window(buf_ids, buf_doc, ids)
+        yield _window(buf_ids, buf_doc, _take(buf_chars, len(buf_ids)), ids)
 
 
-def _window(toks: list[int], docs: list[int], ids: SpecialIds) -> Sequence:
+_NO_SPANS = np.full((1, 2), NO_SPAN, np.int32)
+
+
+def _take(buf: list[np.ndarray] | None, n: int) -> np.ndarray | None:
+    """Remove and return the first n rows of a list of (k, 2) span blocks (the rest stays in `buf`)."""
+    if buf is None:
+        return None
+    joined = np.concatenate(buf) if buf else np.zeros((0, 2), np.int32)
+    buf[:] = [joined[n:]] if len(joined) > n else []
+    return joined[:n]
+
+
+def _window(toks: list[int], docs: list[int], chars: np.ndarray | None, ids: SpecialIds) -> Sequence:
     arr = np.array([ids.bos, *toks], dtype=np.int32)
     doc = np.array([docs[0], *docs], dtype=np.int64)
-    return Sequence(arr, doc, np.isin(arr, list(ids.special)) | (np.arange(len(arr)) == 0))
+    spans = None if chars is None else np.concatenate([_NO_SPANS, chars]).astype(np.int32)
+    return Sequence(arr, doc, np.isin(arr, list(ids.special)) | (np.arange(len(arr)) == 0), spans)
 
 
-def unpacked(docs: Iterable[tuple[int, list[int]]], ids: SpecialIds) -> Iterator[Sequence]:
+def unpacked(docs: Iterable[tuple[int, Encoded]], ids: SpecialIds) -> Iterator[Sequence]:
     """One sequence per non-empty (already truncated, special-token-wrapped) document."""
-    for doc_id, toks in docs:
-        if toks:
-            arr = np.array(toks, dtype=np.int32)
-            yield Sequence(arr, np.full(len(arr), doc_id, np.int64), np.isin(arr, list(ids.special)))
+    for doc_id, enc in docs:
+        if enc.ids:
+            arr = np.array(enc.ids, dtype=np.int32)
+            yield Sequence(arr, np.full(len(arr), doc_id, np.int64), np.isin(arr, list(ids.special)), enc.chars)
 
 
-def plan_shards(sequences: Iterable[Sequence], shard_tokens: int) -> Iterator[ShardPlan]:
-    """Group consecutive sequences into shards of at most shard_tokens rows (ids from the first sequence)."""
+def v1_shard_id(position: int, seq_start: int) -> str:
+    """Format v1 shard id: the index of the shard's first sequence."""
+    return f"{seq_start:09d}"
+
+
+def plan_shards(sequences: Iterable[Sequence], shard_tokens: int,
+                name: Callable[[int, int], str] = v1_shard_id, seq_base: int = 0,
+                part: int | None = None) -> Iterator[ShardPlan]:
+    """Group consecutive sequences into shards of at most shard_tokens rows.
+
+    `name(position, first seq_id)` gives the shard id; sequence ids count from `seq_base`, rows from 0."""
     cur: list[Sequence] = []
-    n_tok = seq_start = tok_start = seq_idx = 0
+    n_tok = tok_start = pos = 0
+    seq_start = seq_idx = seq_base
     for seq in sequences:
         if cur and n_tok + len(seq.ids) > shard_tokens:
-            yield ShardPlan(f"{seq_start:09d}", seq_start, tok_start, cur)
+            yield ShardPlan(name(pos, seq_start), seq_start, tok_start, cur, part)
             tok_start += n_tok
-            cur, n_tok, seq_start = [], 0, seq_idx
+            cur, n_tok, seq_start, pos = [], 0, seq_idx, pos + 1
         cur.append(seq)
         n_tok += len(seq.ids)
         seq_idx += 1
     if cur:
-        yield ShardPlan(f"{seq_start:09d}", seq_start, tok_start, cur)
+        yield ShardPlan(name(pos, seq_start), seq_start, tok_start, cur, part)

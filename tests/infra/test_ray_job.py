@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from models import build_tiny, corpus_texts
+
+from tests.support import build_tiny, corpus_texts
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import zarr
-from conftest import extract_local
 
 import actstore
-from actstore.pipeline.store import StoreError
+from actstore.pipeline.store.store import StoreError
 from actstore.schemas.manifest import ManifestError
+from tests.support import extract_local
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -47,7 +47,7 @@ def test_hand_edited_manifest_refused(store_dir):
 
 
 def test_manifest_size_limit(store_dir, monkeypatch):
-    from actstore.pipeline import store as store_mod
+    from actstore.pipeline.store import store as store_mod
 
     monkeypatch.setattr(store_mod, "MAX_MANIFEST_BYTES", 100)
     with pytest.raises(ValueError, match="above the 100-byte limit"):
@@ -96,13 +96,13 @@ def test_jsonl_line_size_limit(tmp_path, tiny, monkeypatch):
 
 
 def test_config_file_size_limit(tmp_path, monkeypatch):
-    from actstore.schemas import config
+    from actstore.schemas import validation
 
-    monkeypatch.setattr(config, "MAX_CONFIG_BYTES", 10)
+    monkeypatch.setattr(validation, "MAX_CONFIG_BYTES", 10)
     p = tmp_path / "c.yaml"
     p.write_text("model: x\nhooks: []\n")
-    with pytest.raises(config.ConfigError, match="larger than 10 bytes"):
-        config.ExtractConfig.build(p)
+    with pytest.raises(actstore.ConfigError, match="larger than 10 bytes"):
+        actstore.ExtractConfig.build(p)
 
 
 @pytest.mark.parametrize("bad", ["blocks.0/../x", "module:../../etc", "module:a/b", "../blocks.0.hook_resid_post"])
@@ -138,7 +138,7 @@ def test_two_training_jobs_on_one_output_refused(tmp_path, store_dir):
     import threading
     import time
 
-    from actstore.pipeline.lease import LeaseError
+    from actstore.pipeline.extract.lease import LeaseError
 
     store = actstore.open_store(str(store_dir))
     out = str(tmp_path / "sae")

@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
-from test_resume import tree_digest
 
 import actstore
+from tests.support import tree_digest
 
 SCRIPT = "import json, sys, actstore; actstore.extract(json.loads(sys.argv[1]))"
 KILL_POINTS = 20

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import extract_local
 
 import actstore
+from tests.support import extract_local
 
 HOOK = "blocks.0.hook_resid_post"
 SECRET = "PLANTED-secret-8c1f0e77"
@@ -49,7 +49,7 @@ def test_loading_never_unpickles(tmp_path, tiny, texts, monkeypatch):
     np.testing.assert_array_equal(got, ref)
     s.tokens(), s.docs(), s.stats(HOOK), next(s.loader(HOOK, 8))
     assert s.verify().ok
-    from actstore.workers.saelens_export import load_saelens
+    from actstore.workers.sae.saelens import load_saelens
 
     load_saelens(str(tmp_path / "sae"))
 

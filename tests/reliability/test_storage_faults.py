@@ -3,14 +3,14 @@ without a commit, a full disk names its cause; after each, a resumed run is byte
 
 from __future__ import annotations
 
-import faultfs  # noqa: F401  (registers faulty://)
 import numpy as np
 import pytest
-from faultfs import FaultFS
 
 import actstore
-from actstore.pipeline.store import StoreError
+import tests.reliability.faultfs  # noqa: F401  (registers faulty://)
+from actstore.pipeline.store.store import StoreError
 from actstore.workers.storage import StorageError
+from tests.reliability.faultfs import FaultFS
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.2.mlp.hook_post"]
 
