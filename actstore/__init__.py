@@ -31,8 +31,7 @@ from actstore.schemas.errors import (
     StorageError,
     StoreError,
 )
-
-__version__ = "0.2.0"
+from actstore.version import __version__
 
 # public name -> module that defines it (imported on first attribute access)
 _LAZY = {

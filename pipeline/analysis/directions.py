@@ -155,7 +155,7 @@ def mean_difference(store: Any, hook: str, label: str, positive: Any = None, whi
     pooled within-class covariance: the direction a linear discriminant reads. Unnormalised by default, so
     adding it once moves a negative mean onto the positive one (`normalize=True`: unit length).
     """
-    from actstore.pipeline.analysis.probes import doc_labels, pooled
+    from actstore.pipeline.analysis.pooling import doc_labels, pooled
 
     store = _opened(store)
     store.manifest.hook(hook)

@@ -74,7 +74,7 @@ def _block(store: Any, job: ProbeJob, hook: str | None, part: str, ids: np.ndarr
                                  exclude_special=job.exclude_special)
         x, names = doc_summaries(series, str(hook), ids)
         return x, [f"spectral.{n}" for n in names]
-    from actstore.pipeline.analysis.probes import pooled
+    from actstore.pipeline.analysis.pooling import pooled
 
     pooled_ids, x = pooled(store, str(hook), job.pooling, job.exclude_special)
     return _align(ids, pooled_ids, x.astype(np.float64)), [f"hook.{i}" for i in range(x.shape[1])]

@@ -18,39 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from actstore.pipeline.analysis.pooling import doc_labels, label_column, pooled
 from actstore.pipeline.analysis.results import Output, clean, provenance
 from actstore.schemas.errors import AnalysisError, ConfigError
 from actstore.schemas.jobs import ProbeJob
-from actstore.workers.probe import PoolAccumulator, ProbeResult, train_probe_arrays
+from actstore.workers.probe import ProbeResult, train_probe_arrays
 
 log = logging.getLogger("actstore")
 METRIC_KEYS = ("auroc", "accuracy", "f1", "recall_at_1pct_fpr", "recall_at_5pct_fpr")
 DOC_METRIC_KEYS = tuple(f"doc_{k}" for k in METRIC_KEYS)  # token probes: per-document (max over tokens)
-_NOT_LABELS = ("doc_id", "source", "n_chars", "n_tokens")
-
-
-def pooled(store: Any, hook: str, pooling: str = "mean", exclude_special: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(doc ids, pooled (n_docs, d) float32) over each document's non-special tokens, chunk by chunk."""
-    x = store.activations(hook)
-    tok = store.tokens()
-    docs = tok.column("doc_id").to_numpy()
-    special = store.special_mask() if exclude_special else np.zeros(store.n_tokens, bool)
-    acc = PoolAccumulator(pooling)
-    bounds = np.cumsum((0,) + x.chunks[0])
-    for i, block in enumerate(x.to_delayed().ravel()):
-        a, b = bounds[i], bounds[i + 1]
-        acc.update(np.asarray(block.compute(scheduler="sync")), docs[a:b], special[a:b])
-    return acc.result()
-
-
-def label_column(store: Any, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """(doc ids, labels as an object array with None where missing) of a docs.parquet field."""
-    docs = store.docs()
-    if label not in docs.column_names:
-        fields = [c for c in docs.column_names if c not in _NOT_LABELS]
-        raise ConfigError(f"label {label!r} is not a document field of this store "
-                          f"(fields: {', '.join(fields) or 'none'})")
-    return docs.column("doc_id").to_numpy(), np.array(docs.column(label).to_pylist(), dtype=object)
 
 
 def check_labels(store: Any, job: ProbeJob) -> dict[str, Any]:
@@ -71,13 +47,6 @@ def check_labels(store: Any, job: ProbeJob) -> dict[str, Any]:
         raise ConfigError(f"label {job.label!r} has {len(classes)} classes ({shown}); set multiclass: true "
                           "(--multiclass) for a multiclass probe, or give a two-class label")
     return {"class_counts": dict(zip(classes.tolist(), counts.tolist())), "n_dropped_null": len(y) - len(present)}
-
-
-def doc_labels(store: Any, label: str, doc_ids: np.ndarray) -> np.ndarray:
-    """Label of each doc id from docs.parquet (object array; None where missing)."""
-    ids, y = label_column(store, label)
-    lookup = dict(zip(ids.tolist(), y.tolist()))
-    return np.array([lookup.get(int(d)) for d in doc_ids], dtype=object)
 
 
 def fit(job: ProbeJob, hook: str | None, store: Any = None) -> ProbeResult:

@@ -21,24 +21,25 @@ descending into stores (directories with a manifest.json):
 
 from __future__ import annotations
 
-import base64
 import fnmatch
-import html
-import io
-import json
-import math
 import os
-import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from actstore.schemas import layout
+from actstore.pipeline.analysis.report_html import (
+    Results,
+    ResultScan,
+    esc,
+    figure,
+    note,
+    pyplot,
+    section,
+    short_hook,
+    table,
+)
 
 MAX_SPECTRA = 8
-_SCAN_DEPTH = 4
-_SKIP_DIRS = {layout.SHARDS, layout.STATS, layout.ACTS, "__pycache__", "node_modules"}
 _HOOK_STATS = ("mean_norm", "norm_p1", "norm_p50", "norm_p99", "max_abs", "mean_variance", "zero_fraction",
                "n_massive", "firing_rate_mean", "dead_neuron_fraction")
 _SPECTRUM_KEYS = ("basis", "null", "n_samples", "d", "q", "n_outliers", "n_outliers_mp", "n_outliers_permutation",
@@ -54,55 +55,6 @@ _SAE_FIRST = ("fvu", "ev_legacy", "ev_zero_centred", "l0", "dead_fraction", "den
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Results:
-    """What a results folder holds for one store (paths are strings, contents already parsed)."""
-
-    spectra: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # hook -> (path, json)
-    saes: list[tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)  # (dir, cfg, metrics)
-    probes: list[tuple[str, str, list[dict[str, Any]]]] = field(default_factory=list)  # (label, path, rows)
-    notes: list[str] = field(default_factory=list)
-    other_stores: int = 0  # results made from other stores (or without provenance), left out
-
-
-class _Scan:
-    """Reads result files under one folder or URL, keeping only those made from the store being reported."""
-
-    def __init__(self, root: str, manifest_sha256: str | None, storage_options: dict[str, Any] | None) -> None:
-        from actstore.workers import storage
-
-        self.fs, self.root = storage.get_fs(root, storage_options)
-        self.sha, self.res = manifest_sha256, Results()
-
-    def load(self, path: str) -> Any:
-        try:
-            return json.loads(self.fs.cat_file(path))
-        except (OSError, ValueError) as e:
-            self.res.notes.append(f"skipped {path}: {type(e).__name__}: {e}")
-            return None
-
-    def ours(self, prov: Any) -> bool:
-        """Whether a result's provenance names this store (by manifest hash, never by folder)."""
-        if self.sha is None:
-            return True
-        if isinstance(prov, dict) and prov.get("store_manifest_sha256") == self.sha:
-            return True
-        self.res.other_stores += 1
-        return False
-
-    def walk(self) -> list[tuple[str, list[str]]]:
-        """(folder, file names) a few levels deep, never inside a store."""
-        out = []
-        for d, dirs, files in self.fs.walk(self.root, maxdepth=_SCAN_DEPTH, detail=False):
-            names = sorted(files)
-            if layout.MANIFEST in names:  # an actstore store: its shards are no results
-                dirs.clear()
-                continue
-            dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS and not x.startswith("."))
-            out.append((d, names))
-        return out
-
-
 def scan_results(results_dir: str | os.PathLike | None, manifest_sha256: str | None = None,
                  storage_options: dict[str, Any] | None = None) -> Results:
     """Spectra, SAE and probe results under `results_dir` (a folder or URL; empty when None or missing).
@@ -110,7 +62,7 @@ def scan_results(results_dir: str | os.PathLike | None, manifest_sha256: str | N
     With `manifest_sha256`, only results whose provenance names that store's manifest are kept."""
     if results_dir is None:
         return Results()
-    scan = _Scan(str(results_dir), manifest_sha256, storage_options)
+    scan = ResultScan(str(results_dir), manifest_sha256, storage_options)
     if not scan.fs.isdir(scan.root):
         return scan.res
     for d, files in scan.walk():
@@ -128,7 +80,7 @@ def scan_results(results_dir: str | os.PathLike | None, manifest_sha256: str | N
     return scan.res
 
 
-def _add_spectrum(scan: _Scan, path: str, name: str) -> None:
+def _add_spectrum(scan: ResultScan, path: str, name: str) -> None:
     data = scan.load(path)
     if not isinstance(data, dict) or "eigenvalues" not in data or not isinstance(data.get("metrics"), dict):
         return
@@ -138,7 +90,7 @@ def _add_spectrum(scan: _Scan, path: str, name: str) -> None:
     scan.res.spectra.setdefault(str(hook), (path, data))
 
 
-def _add_probes(scan: _Scan, path: str, name: str) -> None:
+def _add_probes(scan: ResultScan, path: str, name: str) -> None:
     data = scan.load(path)
     if data is None:
         return
@@ -153,7 +105,7 @@ def _add_probes(scan: _Scan, path: str, name: str) -> None:
     scan.res.probes.append((str(label), path, rows))
 
 
-def _add_sae(scan: _Scan, d: str) -> None:
+def _add_sae(scan: ResultScan, d: str) -> None:
     cfg = scan.load(f"{d.rstrip('/')}/cfg.json")
     metrics = scan.load(f"{d.rstrip('/')}/metrics.json")
     if not isinstance(cfg, dict) or not isinstance(metrics, dict) or not scan.ours(metrics.get("provenance")):
@@ -173,63 +125,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# HTML helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def fmt(v: Any) -> str:
-    """A table cell's text: thousands separators for ints, 4 significant digits for floats."""
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, (int, np.integer)):
-        return f"{int(v):,}"
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.4g}" if math.isfinite(v) else str(float(v))
-    return str(v)
-
-
-def table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return (f'<div class="scroll"><table id="{esc(table_id)}"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>")
-
-
-def figure(fig: Any, fig_id: str, caption: str) -> str:
-    """Render a matplotlib figure to an embedded PNG `<img>` (and close it)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return (f'<figure><img id="{esc(fig_id)}" alt="{esc(fig_id)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; must precede the pyplot import in a fresh process
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _section(title: str, body: str, sec_id: str) -> str:
-    return f'<section id="{esc(sec_id)}"><h2>{esc(title)}</h2>{body}</section>'
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------------------
@@ -246,7 +141,7 @@ def summary_section(store: Any) -> str:
              ["written by", f"actstore {m.created_by}"]]
     hooks = [[h.name, f"({m.n_tokens:,}, {h.d:,})", h.dtype, *(m.stats.get(h.name, {}).get(k) for k in _HOOK_STATS)]
              for h in m.hooks]
-    return _section("Store", table(["", "value"], facts, "store-summary")
+    return section("Store", table(["", "value"], facts, "store-summary")
                     + table(["hook", "shape", "dtype", *_HOOK_STATS], hooks, "hook-summary"), "summary")
 
 
@@ -290,29 +185,25 @@ def spectra_section(store: Any, hooks: list[str], found: Results) -> str:
         except (ValueError, KeyError, np.linalg.LinAlgError) as e:
             notes.append(f"{hook}: no spectrum ({type(e).__name__}: {e})")
             continue
-        figs.append(figure(spectrum_figure(eig, metrics, hook, _pyplot()), f"spectrum-{hook}",
+        figs.append(figure(spectrum_figure(eig, metrics, hook, pyplot()), f"spectrum-{hook}",
                            f"{hook} {metrics.get('basis', 'covariance')} spectrum ({source})"))
         rows.append([hook, *(metrics.get(k) for k in _SPECTRUM_KEYS), source])
         dims += massive_rows(hook, massive)
     body = table(["hook", *_SPECTRUM_KEYS, "source"], rows, "spectra-summary")
     if dims:
-        body += _note("Dimensions that dominate the raw covariance (variance >= 10x the median): they set the "
+        body += note("Dimensions that dominate the raw covariance (variance >= 10x the median): they set the "
                       "top of a covariance-basis spectrum, which is why the correlation basis is the default.")
         body += table(MASSIVE_HEADERS, dims, "spectra-massive-dims")
     body += "".join(figs)
     skipped = [h for h in store.hooks if h not in hooks]
     if skipped:
         notes.append(f"not shown (at most {MAX_SPECTRA} by default): {', '.join(skipped)}")
-    return _section("Spectra", body + "".join(_note(n) for n in notes), "spectra")
-
-
-def _short(hook: str) -> str:
-    return re.sub(r"^blocks\.(\d+)\.(hook_)?", r"L\1 ", hook).replace("resid_", "")
+    return section("Spectra", body + "".join(note(n) for n in notes), "spectra")
 
 
 def _line_figure(series: list[tuple[str, list[Any], str]], labels: list[str], ylabel: str, title: str,
                  logy: bool = False) -> Any:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.2))
     x = np.arange(len(labels))
     for name, ys, color in series:
@@ -334,10 +225,10 @@ def layer_section(stats: dict[str, Any]) -> str:
     res, pairs, mlp, mas = stats["residual"], stats["consecutive"], stats["mlp"], stats["massive"]
     if res:
         parts.append(figure(_line_figure([("mean norm", [r["mean_norm"] for r in res], "#2c3e50")],
-                                         [_short(r["hook"]) for r in res], "mean token L2 norm",
+                                         [short_hook(r["hook"]) for r in res], "mean token L2 norm",
                                          "Residual norm growth"), "layer-norms", "mean token norm per residual hook"))
     if pairs:
-        labels = [f"→{_short(p['to'])}" for p in pairs]
+        labels = [f"→{short_hook(p['to'])}" for p in pairs]
         parts.append(figure(_line_figure([("cosine", [p["mean_cosine"] for p in pairs], "#16a085")], labels,
                                          "mean cosine", "Cosine between consecutive layers (same token)"),
                             "layer-cosine", "mean cosine similarity of consecutive residual points"))
@@ -347,18 +238,18 @@ def layer_section(stats: dict[str, Any]) -> str:
                             "layer-updates", "mean norm of each block's update to the residual stream"))
     if mas:
         parts.append(figure(_line_figure([("max |x|", [m["max_abs"] for m in mas], "#c0392b")],
-                                         [_short(m["hook"]) for m in mas], "max |x|", "Largest activation",
+                                         [short_hook(m["hook"]) for m in mas], "max |x|", "Largest activation",
                                          logy=True), "layer-massive", "largest |x| per residual hook"))
         parts.append(_massive_table(mas))
     if mlp:
         parts.append(figure(_line_figure([("fraction > 0", [r["fraction_positive"] for r in mlp], "#2980b9"),
                                           ("dead neurons", [r["dead_fraction"] for r in mlp], "#7f8c8d")],
-                                         [_short(r["hook"]) for r in mlp], "fraction", "MLP activation sparsity"),
+                                         [short_hook(r["hook"]) for r in mlp], "fraction", "MLP activation sparsity"),
                             "mlp-sparsity", "fraction of MLP activations > 0 and of dead neurons per layer"))
     if not parts:
-        parts.append(_note("no residual or mlp.hook_post hooks in this store"))
-    head = _note(f"{stats['n_tokens']:,} tokens counted, {stats['n_excluded']:,} special tokens excluded")
-    return _section("Layer statistics", head + "".join(parts), "layers")
+        parts.append(note("no residual or mlp.hook_post hooks in this store"))
+    head = note(f"{stats['n_tokens']:,} tokens counted, {stats['n_excluded']:,} special tokens excluded")
+    return section("Layer statistics", head + "".join(parts), "layers")
 
 
 def _massive_table(mas: list[dict[str, Any]], per_hook: int = 3) -> str:
@@ -375,21 +266,21 @@ def sae_section(found: Results) -> str:
     keys += sorted({k for _, _, m in found.saes for k in m} - set(keys))
     rows = [[os.path.basename(d.rstrip(os.sep)), cfg.get("hook_name"), cfg.get("architecture"), cfg.get("d_in"),
              cfg.get("d_sae"), *(m.get(k) for k in keys)] for d, cfg, m in found.saes]
-    return _section("Sparse autoencoders", table(["SAE", "hook", "architecture", "d_in", "d_sae", *keys], rows,
+    return section("Sparse autoencoders", table(["SAE", "hook", "architecture", "d_in", "d_sae", *keys], rows,
                                                  "sae-results"), "saes")
 
 
 def probe_section(found: Results) -> str:
     if not found.probes:
         return ""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
     hooks = sorted({r["hook"] for _, _, rows in found.probes for r in rows}, key=_hook_key)
     for label, _, rows in found.probes:
         by = {r["hook"]: r["auroc"] for r in rows}
         ax.plot(range(len(hooks)), [by[h] if by.get(h) is not None else np.nan for h in hooks],
                 marker="o", label=label)
-    ax.set_xticks(range(len(hooks)), [_short(h) for h in hooks], rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(range(len(hooks)), [short_hook(h) for h in hooks], rotation=45, ha="right", fontsize=7)
     ax.axhline(0.5, color="#999", ls=":", lw=1)
     ax.set_ylabel("test AUROC")
     ax.set_title("Probe AUROC by layer", fontsize=10)
@@ -399,7 +290,7 @@ def probe_section(found: Results) -> str:
              for r in sorted(rs, key=lambda r: _hook_key(r["hook"]))]
     body = figure(fig, "probe-auroc", "probe AUROC by hook") + table(["label", "hook", *_PROBE_KEYS], cells,
                                                                        "probe-results")
-    return _section("Probes", body, "probes")
+    return section("Probes", body, "probes")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -445,7 +336,7 @@ def write_report(store_url_or_store: Any, out_path: str | os.PathLike, results_d
             + sae_section(found) + probe_section(found)
             + causal_sections(None if where is None else str(where), store,
                               storage_options or getattr(store, "_storage_options", None))
-            + "".join(_note(n) for n in found.notes))
+            + "".join(note(n) for n in found.notes))
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>{body}</body></html>\n")
     out = str(out_path).rstrip("/")

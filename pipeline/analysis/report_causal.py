@@ -14,7 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from actstore.pipeline.analysis.report import _note, _pyplot, _Scan, _section, _short, esc, figure, fmt, table
+from actstore.pipeline.analysis.report_html import (
+    ResultScan,
+    esc,
+    figure,
+    fmt,
+    note,
+    pyplot,
+    section,
+    short_hook,
+    table,
+)
 
 CONTEXTS_SHOWN = 3  # contexts per latent on a feature page
 
@@ -26,7 +36,7 @@ def scan(results_dir: str | None, manifest_sha256: str | None, storage_options: 
     feats: list[tuple[str, dict[str, Any]]] = []
     if results_dir is None:
         return lens, feats
-    sc = _Scan(str(results_dir), manifest_sha256, storage_options)
+    sc = ResultScan(str(results_dir), manifest_sha256, storage_options)
     if not sc.fs.isdir(sc.root):
         return lens, feats
     for d, files in sc.walk():
@@ -46,11 +56,11 @@ def scan(results_dir: str | None, manifest_sha256: str | None, storage_options: 
 def lens_section(found: list[tuple[str, dict[str, Any]]]) -> str:
     if not found:
         return ""
-    plt = _pyplot()
+    plt = pyplot()
     parts = []
     for path, data in found:
         rows = data["rows"]
-        labels = [_short(r["hook"]) for r in rows]
+        labels = [short_hook(r["hook"]) for r in rows]
         fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(11, 3.4))
         x = np.arange(len(rows))
         a1.plot(x, [r["loss"] for r in rows], marker="o", color="#2c3e50", label="next-token loss")
@@ -68,19 +78,19 @@ def lens_section(found: list[tuple[str, dict[str, Any]]]) -> str:
         keys = ("loss", "top1_agreement", "kl_to_final", "entropy", "n_tokens")
         parts.append(figure(fig, "logit-lens", f"logit lens ({path})")
                      + table(["hook", *keys], [[r["hook"], *(r.get(k) for k in keys)] for r in rows], "lens-results"))
-    return _section("Logit lens", "".join(parts), "lens")
+    return section("Logit lens", "".join(parts), "lens")
 
 
 def features_section(found: list[tuple[str, dict[str, Any]]]) -> str:
     if not found:
         return ""
     pages = [_feature_page(i, path, data) for i, (path, data) in enumerate(found)]
-    return _section("SAE features", "".join(pages), "features")
+    return section("SAE features", "".join(pages), "features")
 
 
 def _feature_page(i: int, path: str, data: dict[str, Any]) -> str:
     dens = np.asarray(data.get("density") or [], np.float64)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3))
     alive = dens[dens > 0]
     if alive.size:
@@ -89,7 +99,7 @@ def _feature_page(i: int, path: str, data: dict[str, Any]) -> str:
     ax.set_ylabel("latents")
     ax.set_title(f"{data.get('hook')}: {alive.size} of {dens.size} latents fire", fontsize=9)
     fig.tight_layout()
-    head = (_note(f"feature store {data.get('feature_store')} (d_sae={data.get('d_sae')}, k={data.get('k')}, "
+    head = (note(f"feature store {data.get('feature_store')} (d_sae={data.get('d_sae')}, k={data.get('k')}, "
                   f"{fmt(data.get('n_tokens'))} tokens)")
             + figure(fig, f"feature-density-{i}", f"latent density histogram ({path})"))
     ctx: dict[int, list[dict[str, Any]]] = {}

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from actstore.schemas.errors import OutputError
+from actstore.version import __version__
 from actstore.workers import storage
 
 PROVENANCE = "provenance"
 
 
 def version() -> str:
-    from actstore import __version__
-
     return __version__
 
 

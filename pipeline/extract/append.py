@@ -37,11 +37,22 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
+from actstore.pipeline.extract.append_common import (
+    CORPUS_FIELDS,
+    append_lease,
+    check_unchanged,
+    normalized,
+    part_config,
+    parts_of,
+    parts_sha256,
+    progress_bar,
+    store_config,
+    store_docs,
+)
+from actstore.pipeline.extract.append_parts import append_hooks_v2, append_tokens_v2
 from actstore.pipeline.extract.commit import commit_manifest, hook_infos, kind_of, store_stats, write_docs, write_stats
 from actstore.pipeline.extract.executors import run_shards
-from actstore.pipeline.extract.lease import Lease
 from actstore.pipeline.extract.preflight import check_model
 from actstore.pipeline.extract.sharding import Plan, make_plan_v1
 from actstore.pipeline.store.store import Store, open_store
@@ -59,14 +70,12 @@ from actstore.workers.shard_writer import is_appended, is_committed, read_append
 from actstore.workers.tokenize import Sequence, ShardPlan, special_ids
 
 log = logging.getLogger("actstore")
-CORPUS_FIELDS = ("corpus", "text_field", "split", "max_docs")
-PARTS_HASH_HEADER = "actstore-corpus-parts-v1"
 
 
 def append(cfg: ExtractConfig) -> Store:
     """Grow the complete store at `cfg.output` as `cfg.append` says; returns the grown Store."""
     fs, root = storage.get_fs(cfg.output, cfg.storage_options)
-    _lease(cfg, fs, root).check_free()  # a concurrent writer is refused as such, before the output's state is read
+    append_lease(cfg, fs, root).check_free()  # a concurrent writer is refused as such, before the output's state is read
     store = _complete_store(cfg, fs, root)
     if cfg.append == "hooks":
         return _append_hooks(cfg, store, fs, root)
@@ -90,27 +99,6 @@ def _complete_store(cfg: ExtractConfig, fs, root: str) -> Store:
 
 
 # ---- config checks --------------------------------------------------------------------------------------------
-def _norm(key: str, value: Any) -> Any:
-    """Comparable form of a content field (JSON types; in-memory corpora by their hash, not their description)."""
-    if key == "corpus" and isinstance(value, str) and value.startswith("<in-memory"):
-        return "<in-memory>"
-    if key == "hooks" and isinstance(value, list):
-        return sorted(value)  # order only sets the manifest's hook order, never a stored byte
-    return json.loads(json.dumps(value, default=str))
-
-
-def parts_of(man: Manifest) -> list[CorpusPart]:
-    """The store's corpora in row order (a one-corpus store's only part is built from its recorded config)."""
-    assert man.corpus is not None and man.extract_config is not None
-    if man.corpus.parts:
-        return list(man.corpus.parts)
-    rec = man.extract_config
-    return [CorpusPart(corpus=str(rec.get("corpus")), text_field=rec.get("text_field", "text"),
-                       split=rec.get("split", "document"), max_docs=rec.get("max_docs"), sha256=man.corpus.sha256,
-                       n_docs=man.corpus.n_docs, doc_start=0, seq_start=0, token_start=0,
-                       part_start=0 if man.parts is not None else None)]
-
-
 def _check_config(cfg: ExtractConfig, man: Manifest, free: tuple[str, ...]) -> None:
     """Every content field outside `free` must equal the store's (corpus fields: those of its first corpus)."""
     first = parts_of(man)[0]
@@ -120,29 +108,9 @@ def _check_config(cfg: ExtractConfig, man: Manifest, free: tuple[str, ...]) -> N
             continue
         default = ExtractConfig.model_fields[key].default
         old = recorded.get(key, default)
-        if _norm(key, old) != _norm(key, value):
+        if normalized(key, old) != normalized(key, value):
             raise AppendError(f"append: {cfg.append}: {key} is {value!r} but the store at {cfg.output!r} was made "
                               f"with {old!r}; only {', '.join(free)} may differ from the store's config")
-
-
-def store_config(cfg: ExtractConfig, parts: list[CorpusPart]) -> tuple[dict[str, Any], str]:
-    """(recorded config, config hash) of a store made with `cfg` over `parts`.
-
-    One corpus: exactly what extract records. Several: the corpus fields move to the manifest's corpus.parts
-    (the recorded `corpus` says so) and the hash covers the list of per-corpus settings and hashes.
-    """
-    if len(parts) <= 1:
-        return cfg.public_dict(), cfg.config_hash()
-    public = {k: v for k, v in cfg.public_dict().items() if k not in CORPUS_FIELDS}
-    public["corpus"] = f"<{len(parts)} corpora: see corpus.parts>"
-    content = {k: v for k, v in cfg.content_dict().items() if k not in CORPUS_FIELDS}
-    content["corpus_parts"] = [{**{k: _norm(k, getattr(p, k)) for k in CORPUS_FIELDS}, "sha256": p.sha256}
-                               for p in parts]
-    return public, hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def parts_sha256(parts: list[CorpusPart]) -> str:
-    return hashlib.sha256("\n".join([PARTS_HASH_HEADER, *(p.sha256 for p in parts)]).encode()).hexdigest()
 
 
 def _recorded_hooks(man: Manifest) -> list[str]:
@@ -160,18 +128,11 @@ def shifted(plan: Plan, seq0: int, tok0: int, doc0: int) -> Plan:
     return Plan(shards, docs, plan.corpus_sha256, plan.special)
 
 
-def _part_cfg(cfg: ExtractConfig, part: CorpusPart, index: int) -> ExtractConfig:
-    if part.corpus.startswith("<"):
-        raise AppendError(f"append: hooks: corpus {index} of this store was an in-memory list, which cannot be read "
-                          "again; hooks can be appended only when every corpus after the first is a path or URL")
-    return cfg.model_copy(update={k: getattr(part, k) for k in CORPUS_FIELDS})
-
-
 def _store_plans(cfg: ExtractConfig, tok: Any, man: Manifest) -> list[ShardPlan]:
     """Plan every corpus of the store again (as extract does) and check each against its recorded hash."""
     shards: list[ShardPlan] = []
     for i, part in enumerate(parts_of(man)):
-        plan = make_plan_v1(cfg if i == 0 else _part_cfg(cfg, part, i), tok)
+        plan = make_plan_v1(cfg if i == 0 else part_config(cfg, part, i), tok)
         if plan.corpus_sha256 != part.sha256:
             raise AppendError(f"append: hooks: the corpus differs from the store's (content hash "
                               f"{plan.corpus_sha256[:12]} != {part.sha256[:12]}); give the corpus the store was made "
@@ -206,24 +167,6 @@ def _same_tokens(p: ShardPlan, s: ShardInfo, fs, root: str) -> bool:
     return hashlib.sha256(raw).hexdigest() == s.tokens_sha256 and stored.equals(table)
 
 
-# ---- shared ---------------------------------------------------------------------------------------------------
-def _lease(cfg: ExtractConfig, fs, root: str) -> Lease:
-    return Lease(fs, root, cfg.output, stale_after=cfg.lease_stale_after, beat=min(5.0, cfg.lease_stale_after / 3),
-                 what=f"extract (append: {cfg.append})")
-
-
-def _unchanged(cfg: ExtractConfig, man: Manifest) -> None:
-    """Under the lease: the manifest we planned against is still the committed one (no other writer got in)."""
-    if open_store(cfg.output, cfg.storage_options).manifest != man:
-        raise AppendError(f"append: {cfg.append}: the store at {cfg.output!r} changed while this run was planning "
-                          "(another writer); run the append again")
-
-
-def _bar(cfg: ExtractConfig, total: int, done: int) -> tqdm:
-    return tqdm(total=total, initial=done, unit="tok", unit_scale=True, disable=not cfg.progress,
-                desc=f"append {cfg.append}", dynamic_ncols=True)
-
-
 # ---- append: hooks --------------------------------------------------------------------------------------------
 def _append_hooks(cfg: ExtractConfig, store: Store, fs, root: str) -> Store:
     man = store.manifest
@@ -238,16 +181,15 @@ def _append_hooks(cfg: ExtractConfig, store: Store, fs, root: str) -> Store:
     tag = hashlib.sha256(json.dumps([man.config_hash, man.corpus.sha256, new]).encode()).hexdigest()[:16]
     union = cfg.model_copy(update={"hooks": _recorded_hooks(man) + list(cfg.hooks), "append": None})
     if man.parts is not None:  # format v2: streamed part by part
-        from actstore.pipeline.extract.append_parts import append_hooks_v2
 
         append_hooks_v2(cfg, man, tok, tag, fs, root, lambda: _finish_hooks(union, man, new, tag, fs, root))
         return open_store(cfg.output, cfg.storage_options)
     plans = _store_plans(cfg, tok, man)
     _check_shards(plans, man, fs, root)
-    with _lease(cfg, fs, root):
-        _unchanged(cfg, man)
+    with append_lease(cfg, fs, root):
+        check_unchanged(cfg, man)
         todo = [p for p in plans if not is_appended(fs, root, p.shard_id, tag)]
-        with _bar(cfg, man.n_tokens, man.n_tokens - sum(p.n_tokens for p in todo)) as bar:
+        with progress_bar(cfg, man.n_tokens, man.n_tokens - sum(p.n_tokens for p in todo)) as bar:
             run_shards(cfg, todo, special_ids(tok).pad, fs, root, bar.update, append_tag=tag)
         _finish_hooks(union, man, new, tag, fs, root)
     return open_store(cfg.output, cfg.storage_options)
@@ -287,7 +229,6 @@ def _append_tokens(cfg: ExtractConfig, store: Store, fs, root: str) -> Store:
     check_model(cfg)
     tok = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     if man.parts is not None:  # format v2: streamed part by part
-        from actstore.pipeline.extract.append_parts import append_tokens_v2
 
         append_tokens_v2(cfg, man, tok, fs, root)
         return open_store(cfg.output, cfg.storage_options)
@@ -301,27 +242,15 @@ def _append_tokens(cfg: ExtractConfig, store: Store, fs, root: str) -> Store:
     part = CorpusPart(**{k: getattr(cfg, k) for k in ("text_field", "split", "max_docs")},
                       corpus=str(cfg.public_dict()["corpus"]), sha256=plan.corpus_sha256, n_docs=plan.docs.num_rows,
                       doc_start=man.n_docs, seq_start=man.n_sequences, token_start=man.n_tokens)
-    with _lease(cfg, fs, root):
-        _unchanged(cfg, man)
+    with append_lease(cfg, fs, root):
+        check_unchanged(cfg, man)
         docs = _grown_docs(fs, root, man, plan.docs)  # fails on clashing metadata before any forward pass
         _drop_foreign(fs, root, plan.shards, hooks)
         todo = [p for p in plan.shards if not is_committed(fs, root, p.shard_id)]
-        with _bar(cfg, plan.n_tokens, plan.n_tokens - sum(p.n_tokens for p in todo)) as bar:
+        with progress_bar(cfg, plan.n_tokens, plan.n_tokens - sum(p.n_tokens for p in todo)) as bar:
             run_shards(cfg, todo, plan.special.pad, fs, root, bar.update)
         _finish_tokens(cfg.model_copy(update={"append": None}), man, plan, [*parts, part], docs, fs, root)
     return open_store(cfg.output, cfg.storage_options)
-
-
-def store_docs(fs, root: str, man: Manifest) -> pa.Table:
-    """The store's own docs.parquet rows, from a backup kept under shards/.tmp/ (removed when the manifest commits)
-    before docs.parquet is replaced, so a resumed append starts from the store's rows, not from an earlier
-    attempt's rewrite."""
-    key = hashlib.sha256(man.to_json()).hexdigest()[:16]
-    backup = storage.join(layout.tmp_dir(root), f"docs-{key}.parquet")
-    if not fs.exists(backup):
-        raw = fs.cat_file(storage.join(root, layout.DOCS))
-        storage.put_atomic(fs, backup, raw)
-    return pq.read_table(pa.BufferReader(fs.cat_file(backup)))
 
 
 def _grown_docs(fs, root: str, man: Manifest, new_docs: pa.Table) -> pa.Table:

@@ -20,6 +20,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from actstore.pipeline.extract.append_common import (
+    append_lease,
+    check_unchanged,
+    part_config,
+    parts_of,
+    parts_sha256,
+    progress_bar,
+    store_config,
+    store_docs,
+)
 from actstore.pipeline.extract.commit import commit_manifest, global_shards, kind_of, store_stats, write_stats
 from actstore.pipeline.extract.executors import run_parts, session
 from actstore.pipeline.extract.part_records import (
@@ -43,12 +53,11 @@ log = logging.getLogger("actstore")
 
 def _corpora(cfg: ExtractConfig, man: Manifest) -> list[tuple[ExtractConfig, CorpusPart, list[Part]]]:
     """Each corpus of the store with its config and its parts, listed again and checked against the manifest."""
-    from actstore.pipeline.extract.append import _part_cfg, parts_of
 
     out, recorded = [], {p.index: p for p in man.parts or []}
     corpora = parts_of(man)
     for i, corpus in enumerate(corpora):
-        ccfg = cfg if i == 0 else _part_cfg(cfg, corpus, i)
+        ccfg = cfg if i == 0 else part_config(cfg, corpus, i)
         parts = list_parts(CorpusSpec.of(ccfg), corpus.part_start or 0)
         end = corpora[i + 1].part_start if i + 1 < len(corpora) else len(man.parts or [])
         if [p.index for p in parts] != list(range(corpus.part_start or 0, end or 0)) or any(
@@ -63,7 +72,6 @@ def append_hooks_v2(cfg: ExtractConfig, man: Manifest, tok: Any, tag: str, fs: A
                     finish: Callable[[], Any]) -> None:
     """Add `cfg.hooks` to every shard of a v2 store (each shard checked before its forward pass), then call
     `finish` (the manifest commit) still under the lease."""
-    from actstore.pipeline.extract.append import _bar, _lease, _unchanged
 
     corpora = _corpora(cfg, man)
     expected: dict[int, list[dict]] = {}
@@ -72,9 +80,9 @@ def append_hooks_v2(cfg: ExtractConfig, man: Manifest, tok: Any, tag: str, fs: A
             {"id": s.id, "seq_start": s.seq_start, "seq_end": s.seq_end, "n_tokens": s.n_tokens,
              "tokens_sha256": s.tokens_sha256})
     pad = special_ids(tok).pad
-    with _lease(cfg, fs, root):
-        _unchanged(cfg, man)
-        with session(cfg), _bar(cfg, man.n_tokens, 0) as bar:  # the bar closes before a failure is reported
+    with append_lease(cfg, fs, root):
+        check_unchanged(cfg, man)
+        with session(cfg), progress_bar(cfg, man.n_tokens, 0) as bar:  # the bar closes before a failure is reported
             for ccfg, _, parts in corpora:
                 tracker = PartTracker(fs, root, parts, list(cfg.hooks), bar.update, commit_parts=False)
                 run_parts(ccfg, parts, PartJob.of(ccfg, append_tag=tag), pad, fs, root, tracker.add,
@@ -84,7 +92,6 @@ def append_hooks_v2(cfg: ExtractConfig, man: Manifest, tok: Any, tag: str, fs: A
 
 def append_tokens_v2(cfg: ExtractConfig, man: Manifest, tok: Any, fs: Any, root: str) -> Manifest:
     """Add a new corpus to a v2 store as new parts after the store's; returns the committed manifest."""
-    from actstore.pipeline.extract.append import _lease, _unchanged, parts_of, parts_sha256, store_config, store_docs
 
     first = len(man.parts or [])
     parts = list_parts(CorpusSpec.of(cfg), first)
@@ -94,8 +101,8 @@ def append_tokens_v2(cfg: ExtractConfig, man: Manifest, tok: Any, fs: Any, root:
         if [p.fingerprint() for p in parts] == known[start:start + len(parts)]:
             raise AppendError(f"append: tokens: this corpus is already in the store at {cfg.output!r} (corpus {i}, "
                               f"{corpus.corpus}); nothing to append")
-    with _lease(cfg, fs, root):
-        _unchanged(cfg, man)
+    with append_lease(cfg, fs, root):
+        check_unchanged(cfg, man)
         head = store_docs(fs, root, man)  # kept before docs.parquet is replaced (a resumed append needs it)
         _drop_stale_parts(fs, root, parts)
         done = committed_parts(fs, root, parts)

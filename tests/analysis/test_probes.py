@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import actstore
-from actstore.pipeline.analysis.probes import pooled, probe_sweep
+from actstore.pipeline.analysis.pooling import pooled
+from actstore.pipeline.analysis.probes import probe_sweep
 
 
 @pytest.fixture(scope="module")
