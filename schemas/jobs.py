@@ -95,8 +95,8 @@ class _Evaluated(Job):
 class SAEJob(_Evaluated):
     """Train sparse autoencoders on stored hooks (one Dask task per hook and sweep point)."""
 
-    hooks: Hooks = Field(min_length=1)
-    """Hooks to train on (one SAE each)."""
+    hooks: Hooks = Field(default_factory=list)
+    """Hooks to train on (one SAE each); empty: the store's hook when it holds exactly one."""
 
 
 class TranscoderJob(_Evaluated):

@@ -57,9 +57,13 @@ def check_sae_job(store: Any, job: SAEJob | TranscoderJob) -> None:
 
 def run_sae_job(job: SAEJob | TranscoderJob) -> list[dict[str, Any]]:
     """Train every (hook, sweep point) of the job; returns one summary row per task."""
+    from actstore.pipeline.analysis.sae import with_default_hook
     from actstore.pipeline.analysis.sae_sweep import train_sweep
 
-    check_sae_job(open_job_store(job), job)
+    store = open_job_store(job)
+    if isinstance(job, SAEJob):
+        job = with_default_hook(store, job)
+    check_sae_job(store, job)
     with dask_client(job.scheduler):
         return train_sweep(job)
 

@@ -72,10 +72,12 @@ def sae_config(store: Any, job: SAEJob | TranscoderJob) -> SAEConfig:
 def fit(job: SAEJob | TranscoderJob, store: Any = None, progress: Any = None,
         stop: threading.Event | None = None) -> TrainResult:
     """Train, evaluate and (with `job.out`) save one SAE or transcoder; returns the TrainResult."""
+    store = _open(store, job)
+    if isinstance(job, SAEJob):
+        job = with_default_hook(store, job)
     if isinstance(job, SAEJob) and (len(job.hooks) != 1 or job.sweep):
         raise ConfigError("train_sae trains one hook without a sweep; run several hooks or a sweep with "
                           "`actstore train sae` or actstore.pipeline.analysis.sae_sweep.train_sweep(job)")
-    store = _open(store, job)
     scfg = sae_config(store, job)
     cut = split_row(store, job.eval_fraction)
     paired = isinstance(job, TranscoderJob)
@@ -89,6 +91,17 @@ def fit(job: SAEJob | TranscoderJob, store: Any = None, progress: Any = None,
         if out:
             save(res, out, store)
     return res
+
+
+def with_default_hook(store: Any, job: SAEJob) -> SAEJob:
+    """The job with `hooks` filled in from a one-hook store; a ConfigError naming the hooks when there are more."""
+    if job.hooks:
+        return job
+    names = [h.name for h in store.manifest.hooks]
+    if len(names) != 1:
+        raise ConfigError(f"hooks: the store holds {len(names)} hooks ({', '.join(names)}); name the ones to train "
+                          "on (--hook HOOK, repeatable, or hooks: in the YAML config)")
+    return job.model_copy(update={"hooks": names})
 
 
 def _out_lease(out: Output | None) -> Any:
@@ -185,7 +198,7 @@ def train_sae(store: Any, hook: str | None = None, architecture: str = "topk", e
         return fit(store, progress=progress)
     settings = {"architecture": architecture, "expansion": expansion, "k": k, "training_tokens": training_tokens,
                 "seed": seed}
-    job = job_of(SAEJob, store, {"hooks": [hook]}, out_dir, settings, more)
+    job = job_of(SAEJob, store, {"hooks": [hook] if hook else []}, out_dir, settings, more)
     return fit(job, store, progress)
 
 

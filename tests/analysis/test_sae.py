@@ -126,3 +126,18 @@ def test_cli_sweep(lm_store, tmp_path, capsys):
     assert sorted(r["k"] for r in rows) == [4, 8]
     assert [r["l0"] for r in sorted(rows, key=lambda r: r["k"])] == pytest.approx([4.0, 8.0])
     assert len(list(tmp_path.glob("*/cfg.json"))) == 2
+
+
+def test_hook_defaults_to_the_only_stored_hook(tmp_path, lm_store):
+    """A one-hook store needs no hook (Python and CLI); a store of several names them in a one-line error."""
+    from actstore.cli import main
+
+    x = np.random.default_rng(0).standard_normal((4096, 16)).astype(np.float32)
+    one = actstore.from_arrays({"blocks.0.hook_resid_post": x}, str(tmp_path / "one"))
+    res = actstore.train_sae(one, expansion=2, k=4, training_tokens=8192, batch_size=1024)
+    assert res.hooks == ["blocks.0.hook_resid_post"]
+    code = main(["train", "sae", "--store", one.url, "--expansion", "2", "--k", "4", "--training-tokens", "4096",
+                 "--batch-size", "1024", "--threads", "1", "--out", str(tmp_path / "sae")])
+    assert code == 0 and [p.parent.name for p in (tmp_path / "sae").glob("*/cfg.json")] != []
+    with pytest.raises(actstore.ConfigError, match="the store holds 3 hooks .*blocks.1.hook_mlp_in.*--hook"):
+        actstore.train_sae(lm_store, expansion=2, k=4)
