@@ -155,3 +155,16 @@ class MultiStore(ConsumersMixin):
     def special_mask(self) -> np.ndarray:
         return np.concatenate([s.special_mask() for s in self.stores])
 
+    def labels(self, name: str) -> pa.Table:
+        """Token-aligned labels `name` of every store in order (row-aligned with `tokens()`); every store of the
+        view must hold them, so no rows are silently unlabelled."""
+        missing = [str(s.url) for s in self.stores if name not in {lab.name for lab in s.manifest.labels or []}]
+        if missing:
+            raise StoreError(f"label {name!r} is not in every store of this view (missing in {', '.join(missing)}); "
+                             "add it to each with `actstore label`")
+        try:
+            return pa.concat_tables([s.labels(name) for s in self.stores], promote_options="default")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise StoreError(f"label {name!r} has different value types across the stores of this view: {e}") \
+                from None
+

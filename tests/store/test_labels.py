@@ -187,3 +187,20 @@ def test_cli_label(packed, tmp_path, docs, capsys):
     assert main(["label", str(root), "--spans", str(good), "--name", "truth"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert _digest(root) == before
+
+
+def test_multistore_view_concatenates_labels(packed, tmp_path, docs):
+    """A view of two labelled stores returns both tables in row order; a member without the label is named."""
+    from actstore.pipeline.store.multistore import open_stores
+    from actstore.schemas.errors import StoreError
+
+    a, b, c = (_copy(packed, tmp_path / n) for n in "abc")
+    actstore.label(str(a), _spans(docs), "truth")
+    actstore.label(str(b), [{"doc_id": 1, "start": 0, "end": 30, "label": "b"}], "truth")
+    view = open_stores([str(a), str(b)])
+    got = view.labels("truth").column("label").to_pylist()
+    want = (actstore.open_store(str(a)).labels("truth").column("label").to_pylist()
+            + actstore.open_store(str(b)).labels("truth").column("label").to_pylist())
+    assert got == want and len(got) == view.tokens().num_rows and "b" in got and "yes" in got
+    with pytest.raises(StoreError, match=f"missing in {c}"):
+        open_stores([str(a), str(c)]).labels("truth")
