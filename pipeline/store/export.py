@@ -13,6 +13,9 @@ What each format holds (rows A..B-1 of the store, in store order):
 - parquet: column `activations` of type fixed_size_list<float32|float16>[d] (bfloat16 -> float32) next to the
   token index columns token_id, doc_id, seq_id, position, special; one row group per shard piece.
 
+Both also carry `char_start`/`char_end` (I32: the token's character span, -1 for special tokens) and `response`
+(BOOL: a generated token) when every shard of the slice holds them, so span labels can be joined after export.
+
 The row helpers here (`row_pieces`, `parse_rows`) are shared by the other adapters.
 """
 
@@ -34,6 +37,8 @@ from actstore.workers.dtypes import NUMPY_STORED, decode, decoded_dtype
 
 FORMATS = ("npy", "safetensors", "parquet")
 TOKEN_COLUMNS = ("token_id", "doc_id", "seq_id", "position", "special")
+# exported when every shard of the slice has them (older stores and from_arrays stores may not)
+OPTIONAL_COLUMNS = ("char_start", "char_end", "response")
 # safetensors dtype names of the arrays we write (stored activation bytes and token index columns)
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64",
               "bool": "BOOL"}
@@ -85,16 +90,27 @@ def iter_slice(store: Any, hook: str, start: int, stop: int, raw: bool = False,
         yield (stored if raw else decode(stored, dtype)), store.shard_tokens(i).slice(a, b - a)
 
 
-def token_slice(store: Any, start: int, stop: int) -> pa.Table:
+def token_slice(store: Any, start: int, stop: int, columns: tuple[str, ...] = TOKEN_COLUMNS) -> pa.Table:
     """The token index rows [start, stop) (reads only the shards that overlap)."""
     parts = [store.shard_tokens(i).slice(a, b - a) for i, a, b in row_pieces(store, start, stop)]
-    return pa.concat_tables(parts).select(list(TOKEN_COLUMNS)) if parts else _empty_tokens()
+    return pa.concat_tables(parts).select(list(columns)) if parts else _empty_tokens(columns)
 
 
-def _empty_tokens() -> pa.Table:
-    return pa.table({"token_id": pa.array([], pa.int32()), "doc_id": pa.array([], pa.int64()),
-                     "seq_id": pa.array([], pa.int64()), "position": pa.array([], pa.int32()),
-                     "special": pa.array([], pa.bool_())})
+def slice_columns(store: Any, start: int, stop: int) -> tuple[str, ...]:
+    """The token columns an export of rows [start, stop) carries: the index, plus the optional columns that
+    every overlapping shard holds."""
+    extra = set(OPTIONAL_COLUMNS)
+    for i, _, _ in row_pieces(store, start, stop):
+        extra &= set(store.shard_tokens(i).column_names)
+    return TOKEN_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in extra) if start < stop else TOKEN_COLUMNS
+
+
+_COLUMN_TYPES = {"token_id": pa.int32(), "doc_id": pa.int64(), "seq_id": pa.int64(), "position": pa.int32(),
+                 "special": pa.bool_(), "char_start": pa.int32(), "char_end": pa.int32(), "response": pa.bool_()}
+
+
+def _empty_tokens(columns: tuple[str, ...] = TOKEN_COLUMNS) -> pa.Table:
+    return pa.table({c: pa.array([], _COLUMN_TYPES[c]) for c in columns})
 
 
 def fixed_size_list(rows: np.ndarray) -> pa.FixedSizeListArray:
@@ -149,21 +165,23 @@ def _write_npy(store: Any, hook: str, start: int, stop: int, path: str) -> None:
 def _write_parquet(store: Any, hook: str, start: int, stop: int, path: str) -> None:
     h = store.manifest.hook(hook)
     value = pa.from_numpy_dtype(decoded_dtype(h.dtype))
-    schema = pa.schema([("activations", pa.list_(value, h.d)), *_empty_tokens().schema],
+    columns = slice_columns(store, start, stop)
+    schema = pa.schema([("activations", pa.list_(value, h.d)), *_empty_tokens(columns).schema],
                        metadata={"actstore": json.dumps({"hook": hook, "rows": [start, stop], "dtype": h.dtype})})
     with pq.ParquetWriter(path, schema, compression="zstd") as w:
         if start == stop:
             w.write_table(schema.empty_table())
         for part, tok in iter_slice(store, hook, start, stop):
-            cols = [fixed_size_list(part), *(tok.column(c) for c in TOKEN_COLUMNS)]
+            cols = [fixed_size_list(part), *(tok.column(c).cast(_COLUMN_TYPES[c]) for c in columns)]
             w.write_table(pa.Table.from_arrays(cols, schema=schema))
 
 
 def _write_safetensors(store: Any, hook: str, start: int, stop: int, path: str) -> None:
     """Stream a safetensors file: header (all sizes are known up front), then the tensors' bytes in order."""
     h, n = store.manifest.hook(hook), stop - start
-    tok = token_slice(store, start, stop)
-    cols = {c: tok.column(c).to_numpy(zero_copy_only=False) for c in TOKEN_COLUMNS}
+    columns = slice_columns(store, start, stop)
+    tok = token_slice(store, start, stop, columns)
+    cols = {c: tok.column(c).to_numpy(zero_copy_only=False) for c in columns}
     entries = [("activations", h.dtype, [n, h.d], n * h.d * NUMPY_STORED[h.dtype].itemsize)]
     entries += [(c, str(a.dtype), [n], a.nbytes) for c, a in cols.items()]
     meta = {"hook": hook, "rows": f"{start}:{stop}", "dtype": h.dtype, "source": str(store.url), "format": "actstore"}

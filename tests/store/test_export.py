@@ -75,3 +75,23 @@ def test_parse_rows():
     for bad in ("10", "a:b", "50:10", "5:5", "200:"):
         with pytest.raises(ValueError, match="--rows"):
             parse_rows(bad, 100)
+
+
+def test_exports_carry_char_spans_when_the_store_has_them(tiny, tmp_path, store):
+    """An extracted store's character spans travel with the rows; a store without them exports the index only."""
+    from tests.support import corpus_texts, extract_local
+
+    hook = "blocks.0.hook_resid_post"
+    st = extract_local(tiny("gpt2"), tmp_path / "s", [hook], corpus_texts(6), shard_tokens=64)
+    a, b = 10, st.n_tokens - 5
+    want = st.tokens().slice(a, b - a)
+    export_slice(st, hook, (a, b), "parquet", tmp_path / "x.parquet")
+    t = pq.read_table(tmp_path / "x.parquet")
+    export_slice(st, hook, (a, b), "safetensors", tmp_path / "x.safetensors")
+    with safe_open(str(tmp_path / "x.safetensors"), framework="np") as f:
+        for c in ("char_start", "char_end"):
+            np.testing.assert_array_equal(t.column(c).to_numpy(), want.column(c).to_numpy())
+            np.testing.assert_array_equal(f.get_tensor(c), want.column(c).to_numpy())
+    assert (want.column("char_end").to_numpy() > 0).any()
+    export_slice(store, H0, (0, 50), "parquet", tmp_path / "plain.parquet")
+    assert "char_start" not in pq.read_table(tmp_path / "plain.parquet").column_names
