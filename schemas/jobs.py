@@ -209,6 +209,8 @@ class ReportJob(Job):
     """Folder or URL searched for SAE/probe/spectra results of this store (default: the store's parent)."""
     hooks: Hooks = Field(default_factory=list)
     """Hooks to plot a spectrum for (default: up to 8)."""
+    label: str | None = None
+    """Document field whose classes colour the spectral series (a few documents per class); None: no classes."""
 
 
 class LensJob(Job):

@@ -127,6 +127,9 @@ def run_report_job(job: ReportJob) -> str:
 
     store = open_job_store(job)
     check_hooks(store, job.hooks)
+    if job.label is not None and job.label not in store.docs().column_names:
+        raise ConfigError(f"label {job.label!r} is not a document field of this store "
+                          f"(fields: {', '.join(store.docs().column_names)})")
     folder, _, name = job.out.rstrip("/").rpartition("/")
     check_writable(folder or ".", job.storage_options, "the report's folder")
     fs, path = storage.get_fs(job.out, job.storage_options)
@@ -134,7 +137,7 @@ def run_report_job(job: ReportJob) -> str:
         raise OutputError(f"-o {job.out!r} is a folder; give the report's file name, e.g. {job.out}/report.html")
     with dask_client(job.scheduler):
         return str(write_report(store, job.out, results_dir=job.results, spectra_hooks=job.hooks or None,
-                                storage_options=job.storage_options))
+                                storage_options=job.storage_options, label=job.label))
 
 
 def run_features_job(job: FeaturesJob) -> Any:

@@ -32,12 +32,14 @@ from actstore.pipeline.analysis.report_html import (
     ResultScan,
     esc,
     figure,
+    hook_order,
     note,
     pyplot,
     section,
     short_hook,
     table,
 )
+from actstore.pipeline.analysis.report_series import add_series, series_section
 
 MAX_SPECTRA = 8
 _HOOK_STATS = ("mean_norm", "norm_p1", "norm_p50", "norm_p99", "max_abs", "mean_variance", "zero_fraction",
@@ -46,6 +48,7 @@ _SPECTRUM_KEYS = ("basis", "null", "n_samples", "d", "q", "n_outliers", "n_outli
                   "null_edge", "sigma2", "lambda_minus", "lambda_plus", "ks", "spectral_entropy", "effective_rank",
                   "participation_ratio", "alpha", "n_massive_dims")
 _PROBE_KEYS = ("auroc", "accuracy", "f1", "recall_at_1pct_fpr", "recall_at_5pct_fpr", "n_docs")
+_TOKEN_PROBE_KEYS = ("n_tokens", "doc_auroc", "doc_f1", "doc_recall_at_5pct_fpr")  # token probes add these
 _SAE_FIRST = ("fvu", "ev_legacy", "ev_zero_centred", "l0", "dead_fraction", "dense_fraction", "cosine",
               "l2_ratio", "ce_score", "kl_score")
 
@@ -57,7 +60,7 @@ _SAE_FIRST = ("fvu", "ev_legacy", "ev_zero_centred", "l0", "dead_fraction", "den
 
 def scan_results(results_dir: str | os.PathLike | None, manifest_sha256: str | None = None,
                  storage_options: dict[str, Any] | None = None) -> Results:
-    """Spectra, SAE and probe results under `results_dir` (a folder or URL; empty when None or missing).
+    """Spectra, SAE, probe and spectral-series results under `results_dir` (a folder or URL; empty when None or missing).
 
     With `manifest_sha256`, only results whose provenance names that store's manifest are kept."""
     if results_dir is None:
@@ -72,6 +75,8 @@ def scan_results(results_dir: str | os.PathLike | None, manifest_sha256: str | N
                 _add_spectrum(scan, path, name)
             elif fnmatch.fnmatch(name, "probes*.json"):
                 _add_probes(scan, path, name)
+            elif name.endswith(".parquet"):
+                add_series(scan, path)
         if "cfg.json" in files and "metrics.json" in files:
             _add_sae(scan, d)
     if scan.res.other_stores:
@@ -145,18 +150,9 @@ def summary_section(store: Any) -> str:
                     + table(["hook", "shape", "dtype", *_HOOK_STATS], hooks, "hook-summary"), "summary")
 
 
-def _hook_key(hook: str) -> tuple[int, int, str]:
-    from actstore.schemas.hooks import BLOCK_KINDS, parse_hook
-
-    spec = parse_hook(hook)
-    if spec.layer is None:
-        return 10**9, 0, hook
-    return spec.layer, BLOCK_KINDS.index(spec.kind), hook
-
-
 def default_spectra_hooks(hooks: list[str], cap: int = MAX_SPECTRA) -> list[str]:
     """Every hook in layer order, or `cap` of them evenly spaced (first and last included)."""
-    ordered = sorted(hooks, key=_hook_key)
+    ordered = sorted(hooks, key=hook_order)
     if len(ordered) <= cap:
         return ordered
     return [ordered[i] for i in sorted({round(j * (len(ordered) - 1) / (cap - 1)) for j in range(cap)})]
@@ -275,21 +271,24 @@ def probe_section(found: Results) -> str:
         return ""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    hooks = sorted({r["hook"] for _, _, rows in found.probes for r in rows}, key=_hook_key)
-    for label, _, rows in found.probes:
-        by = {r["hook"]: r["auroc"] for r in rows}
-        ax.plot(range(len(hooks)), [by[h] if by.get(h) is not None else np.nan for h in hooks],
-                marker="o", label=label)
+    hooks = sorted({r["hook"] for _, _, rows in found.probes for r in rows}, key=hook_order)
+    for i, (label, _, rows) in enumerate(found.probes):
+        for key, style, name in (("auroc", "-", label), ("doc_auroc", "--", f"{label} (per document: max)")):
+            by = {r["hook"]: r.get(key) for r in rows}
+            if any(v is not None for v in by.values()):  # doc_auroc: token probes only
+                ax.plot(range(len(hooks)), [by[h] if by.get(h) is not None else np.nan for h in hooks],
+                        marker="o", ls=style, color=f"C{i % 10}", label=name)
     ax.set_xticks(range(len(hooks)), [short_hook(h) for h in hooks], rotation=45, ha="right", fontsize=7)
     ax.axhline(0.5, color="#999", ls=":", lw=1)
     ax.set_ylabel("test AUROC")
     ax.set_title("Probe AUROC by layer", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    cells = [[label, r["hook"], *(r.get(k) for k in _PROBE_KEYS)] for label, _, rs in found.probes
-             for r in sorted(rs, key=lambda r: _hook_key(r["hook"]))]
-    body = figure(fig, "probe-auroc", "probe AUROC by hook") + table(["label", "hook", *_PROBE_KEYS], cells,
-                                                                       "probe-results")
+    keys = _PROBE_KEYS + tuple(k for k in _TOKEN_PROBE_KEYS if any(k in r for _, _, rs in found.probes for r in rs))
+    cells = [[label, r["hook"], *(r.get(k) for k in keys)] for label, _, rs in found.probes
+             for r in sorted(rs, key=lambda r: hook_order(r["hook"]))]
+    body = figure(fig, "probe-auroc", "probe AUROC by hook (token probes: per token, and per document as the "
+                  "max over its tokens)") + table(["label", "hook", *keys], cells, "probe-results")
     return section("Probes", body, "probes")
 
 
@@ -312,12 +311,14 @@ def _store_dir_parent(store: Any) -> str | None:
 
 def write_report(store_url_or_store: Any, out_path: str | os.PathLike, results_dir: str | os.PathLike | None = None,
                  spectra_hooks: list[str] | None = None, layer_stats: dict[str, Any] | None = None,
-                 title: str | None = None, storage_options: dict[str, Any] | None = None) -> str:
+                 title: str | None = None, storage_options: dict[str, Any] | None = None,
+                 label: str | None = None) -> str:
     """Write the HTML report of a store (a Store or URL) to `out_path` (a path or fsspec URL); returns it.
 
     `results_dir` (default: the folder holding the store) is searched for results made from this store, matched
     by the store's manifest SHA-256; `spectra_hooks` defaults to every hook, at most 8 evenly spaced;
-    `layer_stats` reuses a `layer_statistics` result instead of computing.
+    `layer_stats` reuses a `layer_statistics` result instead of computing; `label` (a document field) colours the
+    spectral series by class.
     """
     from actstore.pipeline.analysis.layer_stats import layer_statistics
     from actstore.pipeline.analysis.results import Output
@@ -333,7 +334,7 @@ def write_report(store_url_or_store: Any, out_path: str | os.PathLike, results_d
     stats = layer_stats if layer_stats is not None else layer_statistics(store)
     title = title or f"actstore report: {store.manifest.model.id if store.manifest.model else store.url}"
     body = (summary_section(store) + spectra_section(store, hooks, found) + layer_section(stats)
-            + sae_section(found) + probe_section(found)
+            + sae_section(found) + probe_section(found) + series_section(store, found.series, label)
             + causal_sections(None if where is None else str(where), store,
                               storage_options or getattr(store, "_storage_options", None))
             + "".join(note(n) for n in found.notes))

@@ -29,6 +29,7 @@ class Results:
     spectra: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # hook -> (path, json)
     saes: list[tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)  # (dir, cfg, metrics)
     probes: list[tuple[str, str, list[dict[str, Any]]]] = field(default_factory=list)  # (label, path, rows)
+    series: list[tuple[str, Any]] = field(default_factory=list)  # (path, spectral series pyarrow Table)
     notes: list[str] = field(default_factory=list)
     other_stores: int = 0  # results made from other stores (or without provenance), left out
 
@@ -126,3 +127,13 @@ def note(text: str) -> str:
 
 def short_hook(hook: str) -> str:
     return re.sub(r"^blocks\.(\d+)\.(hook_)?", r"L\1 ", hook).replace("resid_", "")
+
+
+def hook_order(hook: str) -> tuple[int, int, str]:
+    """Sort key: layer, then hook kind in block order; hooks outside blocks last."""
+    from actstore.schemas.hooks import BLOCK_KINDS, parse_hook
+
+    spec = parse_hook(hook)
+    if spec.layer is None:
+        return 10**9, 0, hook
+    return spec.layer, BLOCK_KINDS.index(spec.kind), hook

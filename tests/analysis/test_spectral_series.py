@@ -147,3 +147,25 @@ def test_short_windows_via_the_gram_matrix_equal_the_full_matrix(basis, n, d):
     assert fast.keys() == full.keys() and fast["n_outliers"] == full["n_outliers"]
     for k in fast:
         np.testing.assert_allclose(fast[k], full[k], rtol=1e-7, atol=1e-9, err_msg=k)
+
+
+def test_report_draws_the_series_by_class(store, tmp_path, capsys):
+    """The report finds the series file by its provenance and draws a few documents of each label class; a series
+    of another store and a foreign Parquet file beside it are not drawn."""
+    out = tmp_path / "res"
+    out.mkdir()
+    assert main(["spectral-series", store.url, "--window", "8", "--hook", HOOK, "-o", str(out / "s.parquet")]) == 0
+    other = actstore.from_arrays({HOOK: np.ones((40, D), np.float32)}, str(tmp_path / "other"))
+    actstore.spectral_series(other, HOOK, window=8)  # in memory only
+    pq.write_table(pa.table({"x": [1, 2]}), out / "foreign.parquet")
+    page = tmp_path / "r.html"
+    assert main(["report", store.url, "-o", str(page), "--results", str(out), "--label", "label"]) == 0
+    html = page.read_text()
+    assert 'id="spectral-series"' in html and 'id="series-0"' in html and 'id="series-1"' not in html
+    docs_table = html.split('id="series-0-docs"')[1].split("</table>")[0]
+    rows = [[c.split("</td>")[0] for c in r.split("<td>")[1:]] for r in docs_table.split("<tr>")[2:]]
+    assert sorted(r[1] for r in rows) == ["0"] * 4 + ["1"] * 4  # DOCS_PER_CLASS of each class
+    labels = dict(zip(*(store.docs().column(c).to_pylist() for c in ("doc_id", "label"))))
+    assert all(str(labels[int(r[0])]) == r[1] for r in rows)
+    assert main(["report", store.url, "-o", str(tmp_path / "bad.html"), "--label", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "bad.html").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,18 @@ def test_cli_token_probe_sweep(labelled, tmp_path, capsys):
     assert main(["train", "probe", "--store", store.url, "--label", "span:the"]) == 2
     err = capsys.readouterr().err
     assert "pooling: token" in err and err.count("\n") == 1
+
+
+def test_report_shows_token_and_document_auroc(labelled, tmp_path):
+    """The report's probe panel draws token AUROC and per-document AUROC and tabulates the document metrics."""
+    from actstore.pipeline.analysis.report import write_report
+
+    store, _ = labelled
+    out = tmp_path / "out"
+    assert main(["train", "probe", "--store", store.url, "--label", "span:the", "--pooling", "token",
+                 "--out", str(out)]) == 0
+    html = Path(write_report(store, out / "report.html", results_dir=out)).read_text()
+    header = html.split('id="probe-results"')[1].split("</thead>")[0]
+    assert "<th>doc_auroc</th>" in header and "<th>n_tokens</th>" in header
+    rows = json.loads((out / "probes-span-the.json").read_text())["rows"]
+    assert f"{rows[0]['doc_auroc']:.4g}" in html
