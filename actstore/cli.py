@@ -338,6 +338,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.generate:
+        from actstore.demo_generate import run_generate_demo
+
+        run_generate_demo(args.out, quick=args.quick, executor=args.executor)
+        return 0
     from actstore.demo import run_demo
 
     run_demo(args.out, quick=args.quick, executor=args.executor)
@@ -527,6 +532,10 @@ def _add_demo(add: Callable[..., argparse.ArgumentParser]) -> None:
     d.add_argument("--out", default="demo-output", help="output directory")
     d.add_argument("--quick", action="store_true", help="smaller corpus")
     d.add_argument("--executor", choices=["ray", "local"], default="ray", help="extraction executor")
+    d.add_argument("--generate", action="store_true",
+                   help="instead: hallucination detection on generated answers (a small GPT-2 trained on sums in "
+                        "seconds, answers labelled correct/incorrect by rule; token probes, uncertainty, spectral "
+                        "series; about 2 minutes on 2 cores)")
     d.set_defaults(fn=_demo)
 
 
