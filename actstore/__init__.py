@@ -50,6 +50,11 @@ _LAZY = {
     "Manifest": "actstore.schemas.manifest",
     "train_sae": "actstore.pipeline.analysis.sae",
     "train_transcoder": "actstore.pipeline.analysis.sae",
+    "train_clt": "actstore.pipeline.analysis.clt",
+    "CLTJob": "actstore.schemas.jobs",
+    "CLTConfig": "actstore.schemas.sae",
+    "CrossLayerTranscoder": "actstore.workers.sae.clt",
+    "load_clt": "actstore.workers.sae.clt_io",
     "train_probe": "actstore.pipeline.analysis.probes",
     "spectrum": "actstore.pipeline.analysis.spectra",
     "layer_statistics": "actstore.pipeline.analysis.layer_stats",
@@ -90,6 +95,9 @@ __all__ = [
     "ActstoreError",
     "AnalysisError",
     "AppendError",
+    "CLTConfig",
+    "CLTJob",
+    "CrossLayerTranscoder",
     "ConfigError",
     "CorpusError",
     "Direction",
@@ -144,6 +152,8 @@ __all__ = [
     "saelens_data_provider",
     "spectral_series",
     "spectrum",
+    "load_clt",
+    "train_clt",
     "train_probe",
     "train_sae",
     "train_sweep",
@@ -154,6 +164,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # type checkers and IDEs see the real objects; at run time they load lazily
     from actstore.pipeline.analysis import directions
+    from actstore.pipeline.analysis.clt import train_clt
     from actstore.pipeline.analysis.directions import Direction
     from actstore.pipeline.analysis.feature_stats import FeaturesResult, features
     from actstore.pipeline.analysis.features import FeatureStore, encode, open_features
@@ -177,6 +188,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real objects; at run time th
     from actstore.pipeline.store.verify import VerifyReport
     from actstore.schemas.config import ExtractConfig
     from actstore.schemas.jobs import (
+        CLTJob,
         InterveneJob,
         ProbeJob,
         ReportJob,
@@ -188,8 +200,10 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real objects; at run time th
     )
     from actstore.schemas.manifest import Manifest
     from actstore.schemas.probe import ProbeConfig
-    from actstore.schemas.sae import SAEConfig, SAESettings, TrainConfig
+    from actstore.schemas.sae import CLTConfig, SAEConfig, SAESettings, TrainConfig
     from actstore.workers.probe import ProbeResult
+    from actstore.workers.sae.clt import CrossLayerTranscoder
+    from actstore.workers.sae.clt_io import load_clt
     from actstore.workers.sae.training import TrainResult
     from actstore.workers.spectra import SpectrumResult
 

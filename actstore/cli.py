@@ -160,6 +160,21 @@ def _train_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_clt(args: argparse.Namespace) -> int:
+    from actstore.pipeline.analysis.clt import run_clt_job
+    from actstore.schemas.jobs import CLTJob
+
+    row = run_clt_job(_job(args, CLTJob))
+    per_layer = " ".join(_f(v) for v in row.get("fvu_per_layer") or [])
+    _print(row if args.json else f"{row['out_dir']}: layers {row['layers'][0]}..{row['layers'][-1]} "
+           f"fvu={_f(row.get('fvu'))} (per layer: {per_layer}) l0={_f(row.get('l0'))} "
+           f"dead={_f(row.get('dead_fraction'))}" + (f" ce_loss_score={_f(row['ce_loss_score'])} "
+                                                      f"kl_score={_f(row.get('kl_score'))}" if "ce_loss_score" in row
+                                                      else "") + (f" ({row['resumed']})" if row.get("resumed") else ""),
+           args.json)
+    return 0
+
+
 def _train_probe(args: argparse.Namespace) -> int:
     from actstore.pipeline.analysis.jobs import run_probe_job
     from actstore.schemas.jobs import ProbeJob
@@ -441,14 +456,17 @@ def _add_spectra(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _add_train(add: Callable[..., argparse.ArgumentParser]) -> None:
-    from actstore.schemas.jobs import ProbeJob, SAEJob, TranscoderJob
+    from actstore.schemas.jobs import CLTJob, ProbeJob, SAEJob, TranscoderJob
 
-    t = add("train", help="train SAEs, transcoders or probes from a store as Dask jobs")
+    t = add("train", help="train SAEs, transcoders, cross-layer transcoders or probes from a store as Dask jobs")
     tsub = t.add_subparsers(dest="what", required=True, metavar="WHAT", parser_class=_Parser)
     _job_parser(tsub.add_parser, "sae", SAEJob, "train sparse autoencoders (one Dask task per hook and sweep "
                 "point)").set_defaults(fn=_train_sae)
     _job_parser(tsub.add_parser, "transcoder", TranscoderJob, "train transcoders from --in-hook to "
                 "--out-hook").set_defaults(fn=_train_sae)
+    _job_parser(tsub.add_parser, "clt", CLTJob, "train a cross-layer transcoder: every layer's MLP input encoded, "
+                "each feature decoded to its own and every later layer's MLP output (one Dask task)").set_defaults(
+        fn=_train_clt)
     _job_parser(tsub.add_parser, "probe", ProbeJob, "probe a document label on every hook (one Dask task per "
                 "hook), or token-aligned span labels with --label span:NAME --pooling token").set_defaults(
         fn=_train_probe)
@@ -575,7 +593,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
     """What an interrupted verb left behind, so the user knows what rerunning does."""
     if args.command == "extract":
         return " (shards committed so far are kept; rerun the same command to resume)"
-    if args.command == "train" and getattr(args, "what", None) in ("sae", "transcoder"):
+    if args.command == "train" and getattr(args, "what", None) in ("sae", "transcoder", "clt"):
         return " (the last checkpoint is kept; rerun the same command to resume)"
     return ""
 

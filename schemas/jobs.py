@@ -1,4 +1,4 @@
-"""One config object per analysis job: `SAEJob`, `TranscoderJob`, `ProbeJob`, `SpectrumJob`, `ReportJob`,
+"""One config object per analysis job: `SAEJob`, `TranscoderJob`, `CLTJob`, `ProbeJob`, `SpectrumJob`, `ReportJob`,
 `InterveneJob`, `LensJob`, `EncodeJob`, `FeaturesJob`, `UncertaintyJob`, `SpectralSeriesJob`.
 
 Each field is documented once, here (or in the settings it nests: `SAESettings`, `TrainConfig`, `ProbeConfig`).
@@ -59,18 +59,13 @@ Hooks = Annotated[list[str], AfterValidator(_hook_list)]
 Hook = Annotated[str, AfterValidator(_hook)]
 
 
-class _Evaluated(Job):
-    """What the SAE and transcoder jobs share: output, training and evaluation settings, the sweep."""
+class _Trained(Job):
+    """What the SAE, transcoder and cross-layer transcoder jobs share: training and evaluation settings."""
 
-    out: str | None = None
-    """Output folder or URL: one SAELens-format subfolder per (hooks, sweep point), with its checkpoints and
-    metrics.json (the CLI requires it; in Python, None trains without writing anything)."""
     sae: SAESettings = Field(default_factory=SAESettings)
     """The SAE's architecture and sparsity."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     """How to train (batch size, learning rate, tokens, seed, checkpoints)."""
-    sweep: dict[str, list[Any]] = Field(default_factory=dict)
-    """Grid over any sae/train field, e.g. {k: [32, 64], expansion: [8, 16]}: one task per combination."""
     eval_fraction: float = Field(default=0.05, gt=0, lt=1)
     """Fraction of the store's rows (the last ones, whole sequences) held out for evaluation."""
     buffer_rows: int = Field(default=1 << 17, gt=0)
@@ -79,6 +74,16 @@ class _Evaluated(Job):
     """Causal LM for CE/KL scores (default: the manifest's model; skipped for encoders)."""
     n_eval_seqs: int = Field(default=16, ge=0)
     """Held-out sequences spliced through the model for CE/KL scores (0: skip)."""
+
+
+class _Evaluated(_Trained):
+    """What the SAE and transcoder jobs share besides training: an output of subfolders, the sweep."""
+
+    out: str | None = None
+    """Output folder or URL: one SAELens-format subfolder per (hooks, sweep point), with its checkpoints and
+    metrics.json (the CLI requires it; in Python, None trains without writing anything)."""
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    """Grid over any sae/train field, e.g. {k: [32, 64], expansion: [8, 16]}: one task per combination."""
 
     @field_validator("sweep")
     @classmethod
@@ -110,6 +115,38 @@ class TranscoderJob(_Evaluated):
     @property
     def hooks(self) -> list[str]:
         return [self.in_hook, self.out_hook]
+
+
+CLT_INPUT_KINDS = ("hook_mlp_in", "hook_resid_mid")
+CLT_OUTPUT_KIND = "hook_mlp_out"
+
+
+class CLTJob(_Trained):
+    """Train a cross-layer transcoder: each layer's MLP input encoded, each feature decoded to its own and every
+    later layer's MLP output (one Dask task streaming all layers' hooks)."""
+
+    out: str | None = None
+    """Output folder or URL for the CLT (clt.json + clt_weights.safetensors), metrics.json (written last) and
+    checkpoints (the CLI requires it; in Python, None trains without writing anything)."""
+    layers: list[int] | None = None
+    """Consecutive layers the CLT covers, e.g. [0, 1, 2, 3] (default: every layer of the model, 0..n_layers-1;
+    for a store without a model, every layer that holds both hooks, which must then start at 0 and have no gap)."""
+    in_kind: Literal["hook_mlp_in", "hook_resid_mid"] = "hook_mlp_in"
+    """Hook each layer's encoder reads (blocks.{l}.<in_kind>); every layer's target is blocks.{l}.hook_mlp_out."""
+    buffer_rows: int = Field(default=1 << 14, gt=0)
+    """Rows in the shuffling buffer of the training stream (memory: buffer_rows x 2 x n_layers x d_model x 4
+    bytes: 1.2 GB for GPT-2 small's 12 layers at the default)."""
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or v[0] < 0 or any(b != a + 1 for a, b in zip(v, v[1:]))):
+            raise ValueError(f"layers must be consecutive ascending layer numbers >= 0, e.g. [0, 1, 2], got {v}")
+        return v
+
+    def hooks_for(self, layers: list[int]) -> tuple[list[str], list[str]]:
+        """(input hooks, output hooks), one per layer."""
+        return ([f"blocks.{i}.{self.in_kind}" for i in layers], [f"blocks.{i}.{CLT_OUTPUT_KIND}" for i in layers])
 
 
 class ProbeJob(Job):
@@ -443,7 +480,7 @@ class InterveneJob(BaseModel):
         return ExtractConfig.model_validate({**shared, "output": "actstore-intervene-writes-no-store"})
 
 
-JOBS: dict[str, type[Any]] = {"sae": SAEJob, "transcoder": TranscoderJob, "probe": ProbeJob,
+JOBS: dict[str, type[Any]] = {"sae": SAEJob, "transcoder": TranscoderJob, "clt": CLTJob, "probe": ProbeJob,
                               "spectra": SpectrumJob, "report": ReportJob, "intervene": InterveneJob,
                               "lens": LensJob, "encode": EncodeJob, "features": FeaturesJob,
                               "uncertainty": UncertaintyJob, "spectral-series": SpectralSeriesJob}

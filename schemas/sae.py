@@ -1,7 +1,8 @@
 """Configuration of sparse autoencoders / transcoders and of their training, one documented field each.
 
 `SAESettings` is what a user chooses (architecture, width, sparsity); `SAEConfig` adds the widths a store
-fixes (d_in, d_out) and whether it is a transcoder. `TrainConfig` is how to train. All three are pydantic
+fixes (d_in, d_out) and whether it is a transcoder; `CLTConfig` the same for a cross-layer transcoder (one
+encoder per layer, decoders to every later layer). `TrainConfig` is how to train. All three are pydantic
 dataclasses: they validate on construction, nest in the job configs (`actstore.schemas.jobs`) and generate
 the CLI flags, so every default below is written once. The loss units behind the defaults are explained in
 `actstore.workers.sae.model` and `actstore.workers.sae.training`; nothing here imports torch.
@@ -149,6 +150,11 @@ class SAEConfig(SAESettings):
         return self.d_out if self.d_out is not None else self.d_in
 
     @property
+    def n_latents(self) -> int:
+        """All latents of the model (the trainer tracks each one's firing): d_sae."""
+        return self.d_sae
+
+    @property
     def aux_k_resolved(self) -> int:
         if self.architecture not in TOPK_FAMILY:
             return 0
@@ -163,6 +169,71 @@ class SAEConfig(SAESettings):
         if widths is None:
             widths = sorted({max(1, self.d_sae // 16), max(1, self.d_sae // 4)} - {self.d_sae})
         return [w for w in widths if w < self.d_sae] + [self.d_sae]
+
+
+# Architectures a cross-layer transcoder supports: the top-k rules (applied per layer), JumpReLU and ReLU.
+CLT_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+
+
+@one_line_errors
+@dataclass(config=_CONFIG, kw_only=True)
+class CLTConfig(SAESettings):
+    """A cross-layer transcoder's settings plus the widths a store fixes: n_layers encoders reading d_model wide
+    MLP inputs, each layer's d_sae = expansion * d_model features decoding to its own and every later layer's MLP
+    output. k is per layer (each layer's encoder keeps k features per token, or k on average for batchtopk)."""
+
+    d_model: int
+    """Width of every layer's MLP input and output."""
+    n_layers: int
+    """Layers covered (consecutive); layer j of the CLT is the j-th of them."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.d_model < 1 or self.n_layers < 1:
+            raise _bad("CLTConfig", self, "d_model" if self.d_model < 1 else "n_layers", "must be >= 1")
+        if self.architecture not in CLT_ARCHITECTURES:
+            raise _bad("CLTConfig", self, "architecture", f"cross-layer transcoders support {', '.join(CLT_ARCHITECTURES)}")
+        if self.skip:
+            raise _bad("CLTConfig", self, "skip", "cross-layer transcoders have no skip path")
+        if self.aux_k not in (None, 0):
+            raise _bad("CLTConfig", self, "aux_k", "AuxK is not implemented for cross-layer transcoders (use 0)")
+        if self.architecture in TOPK_FAMILY and not 1 <= self.k <= self.d_sae:
+            raise _bad("CLTConfig", self, "k", f"must be in [1, d_sae={self.d_sae}] (k counts one layer's features)")
+
+    @classmethod
+    def of(cls, settings: SAESettings, d_model: int, n_layers: int) -> CLTConfig:
+        """The settings applied to a model of this width and depth."""
+        fields = {k: getattr(settings, k) for k in SAESettings.__dataclass_fields__}
+        return cls(**fields, d_model=d_model, n_layers=n_layers)
+
+    # The names the trainer reads from any model config: a CLT maps all layers' inputs (flattened to
+    # n_layers * d_model columns) to all layers' outputs.
+    transcoder = True
+
+    @property
+    def d_in(self) -> int:
+        return self.n_layers * self.d_model
+
+    @property
+    def d_target(self) -> int:
+        return self.n_layers * self.d_model
+
+    @property
+    def d_sae(self) -> int:
+        """Features per layer."""
+        return self.d_model * self.expansion
+
+    @property
+    def n_latents(self) -> int:
+        return self.n_layers * self.d_sae
+
+    @property
+    def aux_k_resolved(self) -> int:
+        return 0
+
+    @property
+    def matryoshka_widths_resolved(self) -> list[int]:
+        return [self.d_sae]
 
 
 @one_line_errors

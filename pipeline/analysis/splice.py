@@ -4,7 +4,8 @@ For held-out sequences of the store, the causal LM named in the manifest (or a g
 clean, with the hook point replaced by the reconstruction, and with it zero-ablated. ce_loss_score =
 (L_zero - L_recon) / (L_zero - L_clean) and kl_score = 1 - KL_recon / KL_zero, so a perfect reconstruction
 scores 1.0 and zero-ablation 0.0. Transcoders replace the MLP module's output with their prediction from the
-MLP input.
+MLP input; several hooks can be replaced in one forward pass (a cross-layer transcoder replaces every layer's
+MLP output at once).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import nn
 from actstore.schemas.hooks import parse_hook
 from actstore.workers import hookmap
 from actstore.workers.sae.metrics import ce_kl_scores
+
+Replace = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _replace_out(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
@@ -46,48 +49,71 @@ def _losses(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return ce, logp
 
 
-def splice_scores(model: nn.Module, sequences: list[np.ndarray], hook: str, replace: Callable[[torch.Tensor], torch.Tensor],
-                  transcoder_in: str | None = None) -> dict[str, float]:
-    """Clean / spliced / zero-ablated losses over `sequences` (each run alone: no padding effects)."""
+def splice_scores(model: nn.Module, sequences: list[np.ndarray], hook: str | list[str],
+                  replace: Replace | list[Replace], transcoder_in: str | list[str] | None = None) -> dict[str, float]:
+    """Clean / spliced / zero-ablated losses over `sequences` (each run alone: no padding effects).
+
+    One hook, or several replaced in the same forward pass (`hook` a list, `replace` one function per hook,
+    `transcoder_in` one input hook per hook): a cross-layer transcoder replaces every layer's MLP output at once,
+    each from the MLP input of the spliced run itself. Zero-ablation zeroes every hook of the list."""
+    hooks = [hook] if isinstance(hook, str) else list(hook)
+    fns = list(replace) if isinstance(replace, (list, tuple)) else [replace]
+    ins = [transcoder_in] if isinstance(transcoder_in, str) else transcoder_in
+    if len(fns) != len(hooks) or (ins is not None and len(ins) != len(hooks)):
+        raise ValueError(f"splice_scores: {len(hooks)} hooks need as many replace functions (got {len(fns)}) "
+                         f"and input hooks (got {None if ins is None else len(ins)})")
     base = model.base_model
-    spec = parse_hook(hook)
-    module, where, _ = hookmap.resolve(base, spec)
-    captured: dict[str, torch.Tensor] = {}
-    pre = None
-    if transcoder_in is not None:  # the transcoder reads the MLP input and replaces the MLP output
-        in_mod, in_where, _ = hookmap.resolve(base, parse_hook(transcoder_in))
-        grab = (lambda m, a, kw: captured.__setitem__("x", a[0] if a else kw["hidden_states"])) if in_where == "in" \
-            else (lambda m, a, o: captured.__setitem__("x", o if isinstance(o, torch.Tensor) else o[0]))
-        pre = in_mod.register_forward_pre_hook(grab, with_kwargs=True) if in_where == "in" else in_mod.register_forward_hook(grab)
+    targets = [hookmap.resolve(base, parse_hook(h))[:2] for h in hooks]
+    captured: dict[int, torch.Tensor] = {}
+    grabs = [_capture(base, h, i, captured) for i, h in enumerate(ins)] if ins is not None else []
+    spliced = [_spliced_fn(fn, i, captured if ins is not None else None) for i, fn in enumerate(fns)]
     sums = {"clean": 0.0, "recon": 0.0, "zero": 0.0, "kl_recon": 0.0, "kl_zero": 0.0}
     try:
         with torch.no_grad():
             for seq in sequences:
                 ids = torch.as_tensor(seq, dtype=torch.long)[None]
                 clean, lp_clean = _losses(model, ids)
-                fn = (lambda t: replace(captured["x"]).to(t.dtype)) if transcoder_in else (lambda t: replace(t).to(t.dtype))
-                recon, lp_recon = _spliced(model, module, where, ids, fn)
-                zero, lp_zero = _spliced(model, module, where, ids, torch.zeros_like)
+                recon, lp_recon = _spliced(model, targets, ids, spliced)
+                zero, lp_zero = _spliced(model, targets, ids, [torch.zeros_like] * len(targets))
                 sums["clean"] += float(clean)
                 sums["recon"] += float(recon)
                 sums["zero"] += float(zero)
                 sums["kl_recon"] += float(_kl(lp_clean, lp_recon))
                 sums["kl_zero"] += float(_kl(lp_clean, lp_zero))
     finally:
-        if pre is not None:
-            pre.remove()
+        for g in grabs:
+            g.remove()
     n = max(len(sequences), 1)
     m = {k: v / n for k, v in sums.items()}
     return ce_kl_scores(m["clean"], m["recon"], m["zero"], m["kl_recon"], m["kl_zero"])
 
 
-def _spliced(model: nn.Module, module: nn.Module, where: str, ids: torch.Tensor, fn: Callable) -> tuple:
-    h = (module.register_forward_pre_hook(_replace_in(fn), with_kwargs=True) if where == "in"
-         else module.register_forward_hook(_replace_out(fn)))
+def _capture(base: nn.Module, hook: str, i: int, captured: dict[int, torch.Tensor]) -> Any:
+    """Record input hook `hook`'s tensor of the running forward pass as captured[i]; returns the handle."""
+    module, where, _ = hookmap.resolve(base, parse_hook(hook))
+    if where == "in":
+        return module.register_forward_pre_hook(
+            lambda m, a, kw: captured.__setitem__(i, a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    return module.register_forward_hook(
+        lambda m, a, o: captured.__setitem__(i, o if isinstance(o, torch.Tensor) else o[0]))
+
+
+def _spliced_fn(fn: Replace, i: int, captured: dict[int, torch.Tensor] | None) -> Replace:
+    """The replacement of hook i: fn of its captured input (transcoders) or of the hook's own tensor."""
+    if captured is not None:
+        return lambda t: fn(captured[i]).to(t.dtype)
+    return lambda t: fn(t).to(t.dtype)
+
+
+def _spliced(model: nn.Module, targets: list[tuple[nn.Module, str]], ids: torch.Tensor,
+             fns: list[Replace]) -> tuple:
+    handles = [module.register_forward_pre_hook(_replace_in(fn), with_kwargs=True) if where == "in"
+               else module.register_forward_hook(_replace_out(fn)) for (module, where), fn in zip(targets, fns)]
     try:
         return _losses(model, ids)
     finally:
-        h.remove()
+        for h in handles:
+            h.remove()
 
 
 def _kl(lp_p: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:

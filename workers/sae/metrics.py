@@ -22,6 +22,9 @@ tokens. With n tokens x (targets), reconstructions x_hat and latents f (d_sae), 
 - n_tokens:        tokens evaluated.
 
 The SAE must operate on raw activations (the trainer folds its scaling back in), so no scaling is undone here.
+`evaluate_layers` does the same for a cross-layer transcoder, once per layer (targets: that layer's MLP output;
+latents: that layer's features), and adds totals: fvu over all layers (summed residuals over summed variances),
+l0 summed over layers, dead_fraction over all features.
 `ce_kl_scores` turns the losses of a spliced forward pass into the CE-loss and KL scores.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -110,10 +114,14 @@ def _accumulate(s: _Sums, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
     s.fires += active.sum(0).double()
 
 
-def _finish(s: _Sums) -> dict[str, float]:
+def _total_var(s: _Sums) -> float:
+    """sum ||x - mean||^2 = sum ||x - shift||^2 - n ||mean - shift||^2 (exact; small because shift ~ mean)."""
     mean_shifted = s.sum_shifted / s.n
-    # sum ||x - mean||^2 = sum ||x - shift||^2 - n ||mean - shift||^2 (exact; small because shift ~ mean)
-    total_var = s.sq_shifted - s.n * float(mean_shifted.pow(2).sum())
+    return s.sq_shifted - s.n * float(mean_shifted.pow(2).sum())
+
+
+def _finish(s: _Sums) -> dict[str, float]:
+    total_var = _total_var(s)
     freq = s.fires / s.n
     return {
         "fvu": s.sq_resid / total_var if total_var > 0 else float("nan"),
@@ -149,3 +157,38 @@ def ce_kl_scores(clean_loss: float, recon_loss: float, zero_abl_loss: float,
 
 def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if float(den) != 0 else float("nan")
+
+
+@torch.no_grad()
+def evaluate_layers(clt: Any, batches: Iterable[tuple[Tensor, Tensor]],
+                    device: str | torch.device | None = None) -> dict[str, Any]:
+    """Per-layer metrics of a CrossLayerTranscoder over held-out (x_in, x_out) batches of flattened rows
+    (n, L * d_model): {"layers": [metrics of layer 0, ...], "fvu": ..., "l0": ..., "dead_fraction": ...}."""
+    device = torch.device(device) if device is not None else clt.W_enc.device
+    was_training = clt.training
+    clt.eval()
+    sums = [_Sums() for _ in range(clt.cfg.n_layers)]
+    try:
+        for x_in, x_out in batches:
+            if x_in.shape[0] == 0:
+                continue
+            y = clt.layered(x_out.to(device, torch.float32)).double()
+            y_hat, f = clt(x_in.to(device, torch.float32))
+            for layer, s in enumerate(sums):
+                _accumulate(s, y[:, layer], y_hat[:, layer].double(), f[:, layer])
+    finally:
+        clt.train(was_training)
+    if sums[0].n == 0:
+        raise AnalysisError("evaluate_layers(): the batches held no tokens")
+    return _layer_totals(sums)
+
+
+def _layer_totals(sums: list[_Sums]) -> dict[str, Any]:
+    layers = [_finish(s) for s in sums]
+    resid = sum(s.sq_resid for s in sums)
+    var = sum(_total_var(s) for s in sums)
+    fires = torch.cat([s.fires for s in sums if s.fires is not None])
+    return {"layers": layers, "fvu": resid / var if var > 0 else float("nan"),
+            "fvu_per_layer": [m["fvu"] for m in layers], "l0": sum(m["l0"] for m in layers),
+            "l0_per_layer": [m["l0"] for m in layers], "dead_fraction": float((fires == 0).double().mean()),
+            "n_tokens": layers[0]["n_tokens"]}

@@ -125,6 +125,19 @@ def geometric_median(x: Tensor, iters: int = 20, tol: float = 1e-6) -> Tensor:
     return y.to(x.dtype)
 
 
+@torch.no_grad()
+def update_running_threshold(threshold: Tensor, count: Tensor, batch_min: Tensor) -> None:
+    """BatchTopK's inference threshold, in place: the running mean (an EMA after 100 batches) of the smallest
+    activation kept per batch. A negative `threshold` means none yet: it starts at the batch's value. Shared by
+    SAEs (scalar buffers) and cross-layer transcoders (one per layer)."""
+    count += 1
+    rate = max(1.0 / float(count), 0.01)
+    if float(threshold) < 0:
+        threshold.fill_(batch_min)
+    else:
+        threshold += rate * (batch_min - threshold)
+
+
 class SparseAutoencoder(nn.Module):
     """Sparse autoencoder / transcoder; see the module docstring for the maths."""
 
@@ -323,14 +336,8 @@ class SparseAutoencoder(nn.Module):
     def _update_running_threshold(self, kept: Tensor) -> None:
         """Running mean (turning into an EMA after 100 batches) of the smallest activation kept per batch
         (`kept`: the batch's positive activations)."""
-        if kept.numel() == 0:
-            return
-        self.running_threshold_count += 1
-        rate = max(1.0 / float(self.running_threshold_count), 0.01)
-        if float(self.running_threshold) < 0:
-            self.running_threshold.fill_(kept.min())
-        else:
-            self.running_threshold += rate * (kept.min() - self.running_threshold)
+        if kept.numel() > 0:
+            update_running_threshold(self.running_threshold, self.running_threshold_count, kept.min())
 
     # ------------------------------------------------------------------------------ parameter surgery
     @torch.no_grad()

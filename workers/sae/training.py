@@ -60,13 +60,17 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from actstore.schemas.errors import ActstoreError, AnalysisError, ConfigError, OutputError
-from actstore.schemas.sae import SAEConfig, TrainConfig
+from actstore.schemas.sae import CLTConfig, SAEConfig, TrainConfig
 from actstore.workers import storage
+from actstore.workers.sae.clt import CrossLayerTranscoder
 from actstore.workers.sae.model import SparseAutoencoder
 from actstore.workers.sae.saelens import save_saelens
 from actstore.workers.threads import torch_threads
 
 Batch = Tensor | tuple[Tensor, Tensor]
+Model = SparseAutoencoder | CrossLayerTranscoder
+ModelConfig = SAEConfig | CLTConfig
+Scale = float | list[float]  # one factor, or one per layer (cross-layer transcoders)
 
 
 class TrainingInterrupted(ActstoreError):
@@ -87,11 +91,13 @@ _LATER_FIELD_DEFAULTS = {"select_dtype": "auto"}
 
 @dataclass
 class TrainResult:
-    """A trained SAE (operating on raw activations) plus training metrics."""
+    """A trained SAE, transcoder or cross-layer transcoder (operating on raw activations) plus training metrics."""
 
-    sae: SparseAutoencoder
+    sae: Any
+    """The trained module: a SparseAutoencoder, or a CrossLayerTranscoder for a CLTConfig."""
     metrics: dict[str, Any]
-    sae_cfg: SAEConfig
+    sae_cfg: Any
+    """Its SAEConfig (or CLTConfig)."""
     train_cfg: TrainConfig
     hooks: list[str] = field(default_factory=list)
     """The hook(s) it was trained on: [hook] for an SAE, [in_hook, out_hook] for a transcoder."""
@@ -106,7 +112,12 @@ class TrainResult:
     def save(self, directory: str | os.PathLike, hook_name: str | None = None,
              extra_metadata: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> str:
         """Write SAELens-loadable files (cfg.json, sae_weights.safetensors) plus actstore.json to a local folder
-        or an fsspec URL (s3://...); returns where. The hook and the provenance are the result's own."""
+        or an fsspec URL (s3://...); returns where. The hook and the provenance are the result's own. A
+        cross-layer transcoder is written in its own format instead (`actstore.workers.sae.clt_io`)."""
+        if isinstance(self.sae, CrossLayerTranscoder):
+            from actstore.workers.sae.clt_io import save_clt
+
+            return save_clt(self, directory, extra_metadata, storage_options)
         meta = {"train_config": asdict(self.train_cfg), "train_metrics": self.metrics, "hooks": self.hooks,
                 **({"provenance": self.provenance} if self.provenance else {}), **(extra_metadata or {})}
         if len(self.hooks) == 2:
@@ -127,17 +138,18 @@ class _State:
 
     step: int = 0
     tokens: int = 0
-    scale_in: float = 1.0
-    scale_out: float = 1.0
+    scale_in: Scale = 1.0
+    scale_out: Scale = 1.0
     since_fired: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (d_sae,) tokens
     # since each latent last fired
     ema: dict[str, float] = field(default_factory=dict)  # smoothed loss statistics for progress reports
 
 
-def train(batches: Iterable[Batch], sae_cfg: SAEConfig, train_cfg: TrainConfig | None = None,
+def train(batches: Iterable[Batch], sae_cfg: ModelConfig, train_cfg: TrainConfig | None = None,
           checkpoint_dir: str | os.PathLike | None = None, progress: ProgressFn | None = None,
           stop: threading.Event | None = None, storage_options: dict[str, Any] | None = None) -> TrainResult:
-    """Train an SAE (batches of x) or a transcoder (batches of (x_in, x_out)); see the module docstring.
+    """Train an SAE (batches of x), a transcoder (batches of (x_in, x_out)) or, for a `CLTConfig`, a cross-layer
+    transcoder (batches of (x_in, x_out), every layer flattened into one row); see the module docstring.
 
     `progress(info)` gets a dict (step, total_steps, tokens, tokens_per_s, eta_s, lr, loss, fvu, l0,
     dead_fraction) every `log_every` steps; an exception it raises aborts training (checkpoints survive).
@@ -146,7 +158,7 @@ def train(batches: Iterable[Batch], sae_cfg: SAEConfig, train_cfg: TrainConfig |
     train_cfg = train_cfg or TrainConfig()
     device = torch.device(train_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with torch_threads(train_cfg.threads):
-        sae = SparseAutoencoder(sae_cfg, seed=train_cfg.seed).to(device)
+        sae = new_model(sae_cfg, train_cfg.seed).to(device)
         # fused: one pass over each parameter instead of ~10 (the single-tensor loop is ~5x slower on CPU,
         # a sizeable part of a sparse TopK step); same maths, state_dict and checkpoint format.
         opt = torch.optim.Adam(sae.parameters(), lr=train_cfg.resolved_lr(sae_cfg.d_sae),
@@ -164,8 +176,15 @@ def train(batches: Iterable[Batch], sae_cfg: SAEConfig, train_cfg: TrainConfig |
     return TrainResult(result_sae, _final_metrics(state, sae_cfg, train_cfg, ended_early), sae_cfg, train_cfg)
 
 
+def new_model(cfg: ModelConfig, seed: int = 0) -> Model:
+    """A freshly initialised SAE / transcoder, or cross-layer transcoder for a CLTConfig."""
+    if isinstance(cfg, CLTConfig):
+        return CrossLayerTranscoder(cfg, seed=seed)
+    return SparseAutoencoder(cfg, seed=seed)
+
+
 # ------------------------------------------------------------------------------------------- the loop
-def _loop(sae: SparseAutoencoder, opt: torch.optim.Optimizer, stream: Iterator[tuple[Tensor, Tensor]],
+def _loop(sae: Model, opt: torch.optim.Optimizer, stream: Iterator[tuple[Tensor, Tensor]],
           state: _State, cfg: TrainConfig, device: torch.device, ckpt_dir: Checkpoints | None,
           progress: ProgressFn | None, stop: threading.Event | None = None) -> bool:
     """Run the remaining steps; returns True when the iterator ran dry before training_tokens."""
@@ -173,15 +192,16 @@ def _loop(sae: SparseAutoencoder, opt: torch.optim.Optimizer, stream: Iterator[t
     base_lr = cfg.resolved_lr(sae.cfg.d_sae)
     window = cfg.resolved_dead_window(sae.cfg.d_sae, sae.cfg.k)
     t0, tokens0 = time.perf_counter(), state.tokens
+    s_in, s_out = _factor(state.scale_in, sae.cfg.d_in, device), _factor(state.scale_out, sae.cfg.d_target, device)
     while state.step < cfg.total_steps:
         batch = next(stream, None)
         if batch is None:  # ran dry: keep what was learned so far resumable, then report it
             if ckpt_dir and state.step > 0:
                 _save_checkpoint(ckpt_dir, sae, opt, state, cfg)
             break
-        x_in = batch[0].to(device, torch.float32, non_blocking=True) * state.scale_in
+        x_in = batch[0].to(device, torch.float32, non_blocking=True) * s_in
         # SAEs: the target is the input itself (same scale), so no second copy is made.
-        x_out = x_in if batch[1] is batch[0] else batch[1].to(device, torch.float32) * state.scale_out
+        x_out = x_in if batch[1] is batch[0] else batch[1].to(device, torch.float32) * s_out
         stats = _step(sae, opt, x_in, x_out, state, cfg, base_lr, window)
         _update_state(state, stats, x_in.shape[0])
         last = state.step == cfg.total_steps
@@ -198,7 +218,14 @@ def _loop(sae: SparseAutoencoder, opt: torch.optim.Optimizer, stream: Iterator[t
     return state.step < cfg.total_steps
 
 
-def _step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, x_in: Tensor, x_out: Tensor, state: _State,
+def _factor(scale: Scale, width: int, device: torch.device) -> float | Tensor:
+    """A scale as a multiplier of (n, width) rows: the float itself, or per-layer factors repeated per column."""
+    if isinstance(scale, float | int):
+        return float(scale)
+    return torch.tensor(scale, dtype=torch.float32).repeat_interleave(width // len(scale)).to(device)
+
+
+def _step(sae: Model, opt: torch.optim.Optimizer, x_in: Tensor, x_out: Tensor, state: _State,
           cfg: TrainConfig, base_lr: float, dead_window: int) -> dict[str, Tensor]:
     """One Adam step with the decoder-norm constraint applied around it."""
     lr = cfg.lr_at(state.step, base_lr)
@@ -252,7 +279,7 @@ def _update_state(state: _State, stats: dict[str, Tensor], n_tokens: int) -> Non
         state.ema[key] = value if key not in state.ema else state.ema[key] + rate * (value - state.ema[key])
 
 
-def _start(sae: SparseAutoencoder, stream: Iterator[tuple[Tensor, Tensor]], sae_cfg: SAEConfig,
+def _start(sae: Model, stream: Iterator[tuple[Tensor, Tensor]], sae_cfg: ModelConfig,
            cfg: TrainConfig, device: torch.device) -> tuple[_State, Iterator[tuple[Tensor, Tensor]]]:
     """Fresh run: estimate the scale factors and init b_dec from the first batches, then replay them."""
     head: list[tuple[Tensor, Tensor]] = []
@@ -265,15 +292,19 @@ def _start(sae: SparseAutoencoder, stream: Iterator[tuple[Tensor, Tensor]], sae_
         raise AnalysisError(f"train(): the batch iterator yielded fewer than batch_size={cfg.batch_size} rows")
     x_in = torch.cat([b[0] for b in head]).to(device, torch.float32)
     x_out = torch.cat([b[1] for b in head]).to(device, torch.float32) if sae_cfg.transcoder else x_in
-    state = _State(since_fired=torch.zeros(sae_cfg.d_sae, dtype=torch.int64, device=device))
+    state = _State(since_fired=torch.zeros(sae_cfg.n_latents, dtype=torch.int64, device=device))
+    groups = sae_cfg.n_layers if isinstance(sae_cfg, CLTConfig) else None
     if cfg.normalize_to == "sqrt_d":
-        state.scale_in, state.scale_out = _sqrt_d_scale(x_in), _sqrt_d_scale(x_out)
-    sae.init_b_dec(x_out * state.scale_out)
+        state.scale_in, state.scale_out = _sqrt_d_scale(x_in, groups), _sqrt_d_scale(x_out, groups)
+    sae.init_b_dec(x_out * _factor(state.scale_out, sae_cfg.d_target, device))
     return state, itertools.chain(head, stream)
 
 
-def _sqrt_d_scale(x: Tensor) -> float:
-    """c such that the mean L2 norm of c * x is sqrt(d)."""
+def _sqrt_d_scale(x: Tensor, groups: int | None = None) -> Scale:
+    """c such that the mean L2 norm of c * x is sqrt(d); with `groups` (layers side by side in each row), one
+    such c per group, so that every layer of a cross-layer transcoder weighs the same in the loss."""
+    if groups is not None:
+        return [float(_sqrt_d_scale(part)) for part in x.chunk(groups, dim=1)]
     mean_norm = float(x.double().norm(dim=1).mean())
     return math.sqrt(x.shape[1]) / mean_norm if mean_norm > 0 else 1.0
 
@@ -325,7 +356,7 @@ def _progress_info(state: _State, cfg: TrainConfig, base_lr: float, elapsed: flo
             **state.ema}
 
 
-def _final_metrics(state: _State, sae_cfg: SAEConfig, cfg: TrainConfig, ended_early: bool) -> dict[str, Any]:
+def _final_metrics(state: _State, sae_cfg: ModelConfig, cfg: TrainConfig, ended_early: bool) -> dict[str, Any]:
     dead = state.since_fired >= cfg.resolved_dead_window(sae_cfg.d_sae, sae_cfg.k)
     return {"steps": state.step, "tokens": state.tokens, "ended_early": ended_early,
             "lr": cfg.resolved_lr(sae_cfg.d_sae), "scale_in": state.scale_in, "scale_out": state.scale_out,
@@ -334,7 +365,7 @@ def _final_metrics(state: _State, sae_cfg: SAEConfig, cfg: TrainConfig, ended_ea
 
 
 # ----------------------------------------------------------------------------------- checkpoints
-def _config_fingerprint(sae_cfg: SAEConfig, cfg: TrainConfig) -> dict[str, Any]:
+def _config_fingerprint(sae_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint must match to resume: the configs, plus the values their defaults resolve to (so that
     a new version of the defaults never silently continues a run under different hyperparameters)."""
     train = {k: v for k, v in asdict(cfg).items()
@@ -344,7 +375,7 @@ def _config_fingerprint(sae_cfg: SAEConfig, cfg: TrainConfig) -> dict[str, Any]:
     return {"sae_config": asdict(sae_cfg), "train_config": train, "resolved": resolved}
 
 
-def _save_checkpoint(ckpt: Checkpoints, sae: SparseAutoencoder, opt: torch.optim.Optimizer, state: _State,
+def _save_checkpoint(ckpt: Checkpoints, sae: Model, opt: torch.optim.Optimizer, state: _State,
                      cfg: TrainConfig) -> None:
     """Write ckpt-<step>/ (tensors + json), then point latest.json at it.
 
@@ -391,8 +422,8 @@ class Checkpoints:
                 self.fs.rm(path, recursive=True)
 
 
-def _load_checkpoint(ckpt: Checkpoints, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-                     sae_cfg: SAEConfig, cfg: TrainConfig) -> _State | None:
+def _load_checkpoint(ckpt: Checkpoints, sae: Model, opt: torch.optim.Optimizer,
+                     sae_cfg: ModelConfig, cfg: TrainConfig) -> _State | None:
     """Restore weights, Adam state and counters from the newest checkpoint; None when there is none."""
     name = ckpt.latest()
     if name is None:
