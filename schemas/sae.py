@@ -195,8 +195,6 @@ class CLTConfig(SAESettings):
             raise _bad("CLTConfig", self, "architecture", f"cross-layer transcoders support {', '.join(CLT_ARCHITECTURES)}")
         if self.skip:
             raise _bad("CLTConfig", self, "skip", "cross-layer transcoders have no skip path")
-        if self.aux_k not in (None, 0):
-            raise _bad("CLTConfig", self, "aux_k", "AuxK is not implemented for cross-layer transcoders (use 0)")
         if self.architecture in TOPK_FAMILY and not 1 <= self.k <= self.d_sae:
             raise _bad("CLTConfig", self, "k", f"must be in [1, d_sae={self.d_sae}] (k counts one layer's features)")
 
@@ -229,7 +227,10 @@ class CLTConfig(SAESettings):
 
     @property
     def aux_k_resolved(self) -> int:
-        return 0
+        """AuxK's dead features per token and layer (top-k architectures): aux_k, or d_model // 2."""
+        if self.architecture not in TOPK_FAMILY:
+            return 0
+        return self.aux_k if self.aux_k is not None else max(1, self.d_model // 2)
 
     @property
     def matryoshka_widths_resolved(self) -> list[int]:

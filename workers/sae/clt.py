@@ -12,7 +12,8 @@ layer. Activations reuse the SAE code (`actstore.workers.sae.model`), applied pe
 per token and layer; batchtopk keeps k * n per layer over the batch in training and uses one running threshold
 per layer at inference; jumprelu has a learned threshold per feature (L0 penalty through the same
 straight-through estimators); relu has an L1 penalty weighted by the norm of each feature's whole decoder
-(all the layers it writes to, as Anthropic's CLTs do).
+(all the layers it writes to, as Anthropic's CLTs do). The top-k rules add AuxK per layer (dead features of each
+layer reconstruct the residual of all the layers they write to), as SAEs do.
 
 The trainer (`actstore.workers.sae.training.train`) drives this module through the same methods as a
 `SparseAutoencoder`, with every layer flattened into one row: batches are (x_in, x_out) of shape
@@ -139,19 +140,36 @@ class CrossLayerTranscoder(nn.Module):
                       select_dtype: torch.dtype = torch.float32) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss on one batch of flattened rows (n, L * d_model) in normalised units, and detached statistics
         (rec, sparsity, aux, l0 summed over layers, fired (L * d_sae)). rec is the mean squared error per
-        element, as for SAEs, so its coefficient means the same at any depth. `dead`, `sparse` and
-        `select_dtype` are accepted for the trainer's sake: a CLT has no AuxK and trains densely."""
+        element, as for SAEs, so its coefficient means the same at any depth. `dead` (L * d_sae bool) marks
+        features that AuxK trains on the residual; `sparse` and `select_dtype` are accepted for the trainer's
+        sake: a CLT trains densely."""
         z = self.pre_acts(x_in)
         f = self.activate(z)
         y_hat = self.decode(f)
         rec = (y_hat.flatten(1) - x_out).pow(2).sum(-1).mean() / self.cfg.d_target
         sparsity = self._sparsity_loss(z, f) * (self.cfg.sparsity_coefficient * sparsity_scale)
+        aux = self._auxk_loss(z, x_out - y_hat.flatten(1), dead)
         if self.cfg.architecture in BATCH_TOPK_FAMILY:
             self._update_running_thresholds(f.detach())
         active = f.detach() != 0
-        stats = {"rec": rec.detach(), "sparsity": sparsity.detach(), "aux": rec.new_zeros(()),
+        stats = {"rec": rec.detach(), "sparsity": sparsity.detach(), "aux": aux.detach(),
                  "l0": active.sum((1, 2)).float().mean(), "fired": active.any(0).flatten()}
-        return rec + sparsity, stats
+        return rec + sparsity + self.cfg.aux_k_coefficient * aux, stats
+
+    def _auxk_loss(self, z: Tensor, residual: Tensor, dead: Tensor | None) -> Tensor:
+        """Gao et al.'s AuxK, per layer: each layer's top-k_aux dead features (by pre-activation), decoded to
+        every layer they write to, reconstruct the main model's residual over all layers. Normalised by the
+        residual's variance, as for SAEs (`SparseAutoencoder._auxk_loss`)."""
+        k_aux = self.cfg.aux_k_resolved
+        if dead is None or k_aux == 0 or not bool(dead.any()):
+            return z.new_zeros(())
+        dead = dead.reshape(self.cfg.n_layers, self.cfg.d_sae)
+        k_aux = min(k_aux, int(dead.sum(1).max()))
+        vals, idx = z.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
+        f_aux = torch.zeros_like(z).scatter(-1, idx, torch.relu(vals))  # relu(-inf) = 0 where too few are dead
+        e = residual.detach()
+        e_hat = (self.decode(f_aux) - self.b_dec).flatten(1)
+        return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
 
     def decoder_norms(self) -> Tensor:
         """(L, d_sae) norm of each feature's whole decoder (every layer it writes to)."""

@@ -88,9 +88,37 @@ def test_training_loss_matches_hand_oracle(arch):
         sparsity = 0.0
     loss, stats = clt.training_loss(torch.tensor(x, dtype=torch.float32).reshape(32, -1),
                                     torch.tensor(t, dtype=torch.float32).reshape(32, -1))
-    assert float(loss) == pytest.approx(rec + sparsity, rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(rec + sparsity, rel=1e-4)
     assert float(stats["rec"]) == pytest.approx(rec, rel=1e-4)
     assert float(stats["l0"]) == pytest.approx((f_ref != 0).sum((1, 2)).mean())
+
+
+def test_auxk_loss_matches_hand_oracle():
+    """Dead features of each layer (top-k_aux by pre-activation) decode, without biases, to the residual."""
+    clt = _random_clt("topk").train()
+    m, k_aux = clt.cfg.d_sae, clt.cfg.aux_k_resolved
+    rng = np.random.default_rng(3)
+    x, t = rng.normal(size=(20, L, D)), rng.normal(size=(20, L, D))
+    dead = rng.random((L, m)) < 0.5
+    y_ref, _ = _oracle(clt, x, "topk")
+    z = np.einsum("nld,ldm->nlm", x, clt.W_enc.detach().double().numpy()) + clt.b_enc.detach().double().numpy()
+    f_aux = np.zeros_like(z)
+    for layer in range(L):
+        cand = np.where(dead[layer])[0]
+        for n in range(20):
+            top = cand[np.argsort(-z[n, layer, cand])[:k_aux]]
+            f_aux[n, layer, top] = np.maximum(z[n, layer, top], 0)
+    e_hat = np.zeros_like(t)
+    for src in range(L):
+        w = clt.W_dec[src].detach().double().numpy()
+        for tgt in range(src, L):
+            e_hat[:, tgt] += f_aux[:, src] @ w[:, tgt - src]
+    e = t - y_ref
+    aux = ((e_hat - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
+    _, stats = clt.training_loss(torch.tensor(x, dtype=torch.float32).reshape(20, -1),
+                                 torch.tensor(t, dtype=torch.float32).reshape(20, -1),
+                                 dead=torch.tensor(dead.reshape(-1)))
+    assert float(stats["aux"]) == pytest.approx(aux, rel=1e-4)
 
 
 def test_fold_scale_makes_the_clt_read_raw_activations():
