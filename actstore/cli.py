@@ -337,7 +337,8 @@ def _export_transcoders(args: argparse.Namespace) -> int:
         print(f"actstore: note: {note}", file=sys.stderr)
     _print(info if args.json else (
         f"wrote {info['out']}: {info['n_layers']} layers, {info['feature_input_hook']} -> "
-        f"{info['feature_output_hook']}, activation {info['activation']}"), args.json)
+        f"{info['feature_output_hook']}, "
+        + (f"activation {info['activation']}" if "activation" in info else info["model_kind"])), args.json)
     return 0
 
 
@@ -523,9 +524,11 @@ def _add_export(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _add_export_transcoders(add: Callable[..., argparse.ArgumentParser]) -> None:
-    x = add("export-transcoders", help="write trained per-layer transcoders as one circuit-tracer folder")
+    x = add("export-transcoders", help="write trained per-layer transcoders, or one cross-layer transcoder, as a "
+            "circuit-tracer folder")
     x.add_argument("dirs", nargs="+", metavar="DIR",
-                   help="transcoder folders (one per layer), or folders holding them (`train transcoder --out`)")
+                   help="transcoder folders (one per layer), or folders holding them (`train transcoder --out`), or "
+                   "one cross-layer transcoder folder (`train clt --out`)")
     x.add_argument("--format", choices=["circuit-tracer"], default="circuit-tracer")
     x.add_argument("-o", "--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing export at the output")

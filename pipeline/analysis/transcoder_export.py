@@ -6,8 +6,11 @@ output per layer). They must form one set: transcoders (not SAEs) of the same mo
 0..n-1 with the same input and output kinds (`hook_mlp_in` or `hook_resid_mid` -> `hook_mlp_out`), width,
 activation and skip connection. Anything else is refused with a one-line error before a byte is written.
 
-Output: `layer_{i}.safetensors` per layer, `actstore_export.json` (where each layer came from) and `config.yaml`
-written last, so its presence marks a complete export (circuit-tracer's own cache uses the same rule). Load it
+A cross-layer transcoder folder (`actstore train clt --out`, holding clt.json) is exported alone as circuit-tracer's
+`cross_layer_transcoder`: it must cover every layer 0..n-1 of its model.
+
+Output: `layer_{i}.safetensors` per layer (a CLT: `W_enc_{i}.safetensors` and `W_dec_{i}.safetensors`),
+`actstore_export.json` (where each layer came from) and `config.yaml` written last, so its presence marks a complete export (circuit-tracer's own cache uses the same rule). Load it
 with circuit-tracer by its absolute path (`ReplacementModel.from_pretrained(model, "/abs/path")`) or upload it
 to the Hugging Face Hub. The tensor layout is documented in `actstore.workers.sae.circuit_tracer`.
 """
@@ -29,6 +32,7 @@ from actstore.schemas.hooks import HookNameError, parse_hook
 from actstore.workers import storage
 from actstore.workers.families import MODEL_TYPES, family_of_type
 from actstore.workers.sae import circuit_tracer as ct
+from actstore.workers.sae.clt_io import CLT_CONFIG_FILE, load_clt
 from actstore.workers.sae.model import SparseAutoencoder
 from actstore.workers.sae.saelens import CFG_FILE, EXTRA_FILE, META_FILE, WEIGHTS_FILE, load_saelens
 
@@ -61,12 +65,72 @@ def export_transcoders(dirs: list[str], out: str, format: str = "circuit-tracer"
     without `overwrite`."""
     if format not in FORMATS:
         raise ConfigError(f"format {format!r} is not supported; use one of {', '.join(FORMATS)}")
+    clts = [u for u in dirs if _is_clt(u, storage_options)]
+    if clts and len(dirs) > 1:
+        raise ConfigError(f"{clts[0]} is a cross-layer transcoder: export it alone (one CLT covers every layer)")
+    if clts:
+        return export_clt(clts[0], out, overwrite, scan, storage_options)
     sources = [read_source(u, storage_options) for u in expand(dirs, storage_options)]
     model_type, n_layers = model_info(sources, storage_options)
     check_set(sources, model_type, n_layers)
     output = Output(out, storage_options)
     check_output(output, overwrite)
     return write(output, sources, model_type, scan or os.path.basename(str(out).rstrip("/")))
+
+
+def _is_clt(url: str, storage_options: dict[str, Any] | None) -> bool:
+    fs, root = storage.get_fs(url, storage_options)
+    return bool(fs.exists(storage.join(root, CLT_CONFIG_FILE)))
+
+
+def export_clt(url: str, out: str, overwrite: bool = False, scan: str | None = None,
+               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a saved cross-layer transcoder in circuit-tracer's `cross_layer_transcoder` layout (see
+    `actstore.workers.sae.circuit_tracer`); returns a summary like `export_transcoders`."""
+    clt, meta = load_clt(url, storage_options)
+    info = meta.get("metadata", {})
+    layers = [int(parse_hook(h).layer) for h in meta["hooks_in"]]
+    in_kind = parse_hook(meta["hooks_in"][0]).kind
+    model_type, n_layers = info.get("model_type"), info.get("n_layers")
+    known = MODEL_TYPES.get(model_type or "")
+    if known is not None and not known.causal:
+        raise ConfigError(f"this CLT comes from a {model_type!r} store; circuit-tracer traces causal LMs")
+    n = n_layers if n_layers is not None else layers[-1] + 1
+    if layers != list(range(n)):
+        raise ConfigError(f"{url} covers layers {layers[0]}..{layers[-1]}; circuit-tracer needs a CLT over every "
+                          f"layer 0..{n - 1} of the model")
+    output = Output(out, storage_options)
+    check_output(output, overwrite)
+    hook_in, hook_out = ct.hook_names(in_kind, "hook_mlp_out", family_of_type(model_type))
+    config = {"model_kind": ct.CROSS_LAYER_TRANSCODER, "model_name": info.get("model_name"),
+              "feature_input_hook": hook_in, "feature_output_hook": hook_out,
+              "scan": scan or os.path.basename(str(out).rstrip("/"))}
+    config = {k: v for k, v in config.items() if v is not None}
+    prov = info.get("provenance") or {}
+    record = {"format": "circuit-tracer", "actstore_version": version(), "model_type": model_type,
+              "config": config, "source": url, "store_url": prov.get("store_url"),
+              "store_manifest_sha256": prov.get("store_manifest_sha256"), "layers": layers}
+    _clear(output, ("W_enc_*.safetensors", "W_dec_*.safetensors", "layer_*.safetensors"))
+    for name, tensors in ct.clt_files(clt).items():
+        output.put_bytes(name, safetensors_bytes(tensors, {"format": "pt"}))
+    output.put_json(EXPORT_RECORD, record)
+    output.put_bytes(ct.CONFIG_FILE, yaml.safe_dump(config, sort_keys=False).encode())
+    note = ct.clt_activation_note(clt)
+    return {"out": output.url, "n_layers": len(layers), "feature_input_hook": hook_in, "feature_output_hook": hook_out,
+            "model_kind": ct.CROSS_LAYER_TRANSCODER, "notes": [note] if note else []}
+
+
+def _clear(output: Output, patterns: tuple[str, ...]) -> None:
+    """Remove config.yaml and the record first (a half-written export is never taken for a complete one), then
+    stale tensor files of an earlier export."""
+    fs = output.fs
+    for name in (ct.CONFIG_FILE, EXPORT_RECORD):
+        if fs.exists(output.path(name)):
+            fs.rm(output.path(name))
+    if fs.exists(output.root):
+        for pattern in patterns:
+            for stale in fs.glob(output.path(pattern)):
+                fs.rm(stale)
 
 
 def expand(dirs: list[str], storage_options: dict[str, Any] | None) -> list[str]:
@@ -203,12 +267,7 @@ def check_output(output: Output, overwrite: bool) -> None:
 def write(output: Output, sources: list[Source], model_type: str | None, scan: str) -> dict[str, Any]:
     """Layer files, the provenance record, then config.yaml (removed first, so a half-written export is
     never mistaken for a complete one)."""
-    fs = output.fs
-    for name in (ct.CONFIG_FILE, EXPORT_RECORD):
-        if fs.exists(output.path(name)):
-            fs.rm(output.path(name))
-    for stale in fs.glob(output.path("layer_*.safetensors")) if fs.exists(output.root) else []:
-        fs.rm(stale)
+    _clear(output, ("layer_*.safetensors", "W_enc_*.safetensors", "W_dec_*.safetensors"))
     ordered = sorted(sources, key=lambda s: s.layer)
     for s in ordered:
         output.put_bytes(ct.layer_file(s.layer), safetensors_bytes(ct.layer_tensors(s.sae), {"format": "pt"}))

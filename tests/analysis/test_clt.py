@@ -5,6 +5,7 @@ refusals before any work, the Dask job and the CLI verb."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -219,3 +220,88 @@ def test_cli_refuses_a_store_without_every_layer(tmp_path, capsys):
 def test_run_clt_job_needs_an_output(planted):
     with pytest.raises(ConfigError, match="out"):
         run_clt_job(CLTJob(store=planted[0].url))
+
+
+# ------------------------------------------------------------------------------ circuit-tracer export
+def _saved_clt(tmp_path, arch: str, layers: list[int] = [0, 1, 2], n_layers: int = 3) -> tuple[str, Any]:
+    from actstore.schemas.sae import TrainConfig
+    from actstore.workers.sae.training import TrainResult
+
+    clt = CrossLayerTranscoder(CLTConfig(d_model=8, n_layers=len(layers), expansion=2, k=3, architecture=arch),
+                               seed=5).eval()
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        if arch == "batchtopk":
+            clt.running_threshold.copy_(torch.tensor([0.1, 0.3, 0.2][:len(layers)]))
+    hooks = [f"blocks.{i}.hook_mlp_in" for i in layers] + [f"blocks.{i}.hook_mlp_out" for i in layers]
+    res = TrainResult(clt, {}, clt.cfg, TrainConfig(), hooks=hooks,
+                      provenance={"store_url": "file:///s", "store_manifest_sha256": "ab" * 32})
+    folder = str(tmp_path / f"clt-{arch}")
+    res.save(folder, extra_metadata={"model_name": "tiny", "model_type": "gpt2", "n_layers": n_layers})
+    return folder, clt
+
+
+def _documented_forward(folder, x: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """circuit-tracer's CLT maths on the exported files, as its loader documents them: f_l = act(x_l W_enc_l^T +
+    b_enc_l) (JumpReLU when threshold_l exists, else ReLU), y_t = sum_{l<=t} f_l W_dec_l[:, t - l] + b_dec_t."""
+    from safetensors.torch import load_file
+
+    enc = [load_file(f"{folder}/W_enc_{i}.safetensors") for i in range(n_layers)]
+    dec = [load_file(f"{folder}/W_dec_{i}.safetensors")[f"W_dec_{i}"] for i in range(n_layers)]
+    feats = []
+    for i, e in enumerate(enc):
+        z = x[:, i] @ e[f"W_enc_{i}"].T + e[f"b_enc_{i}"]
+        feats.append(z * (z > e[f"threshold_{i}"]) if f"threshold_{i}" in e else torch.relu(z))
+    return torch.stack([enc[t][f"b_dec_{t}"] + sum(feats[s] @ dec[s][:, t - s] for s in range(t + 1))
+                        for t in range(n_layers)], 1)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "relu"])
+def test_circuit_tracer_export_of_a_clt_is_exact(tmp_path, arch):
+    import yaml
+
+    folder, clt = _saved_clt(tmp_path, arch)
+    out = tmp_path / "ct"
+    info = actstore.export_transcoders([folder], str(out))
+    assert info["model_kind"] == "cross_layer_transcoder" and info["notes"] == []
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg == {"model_kind": "cross_layer_transcoder", "model_name": "tiny", "feature_input_hook": "mlp.hook_in",
+                   "feature_output_hook": "mlp.hook_out", "scan": "ct"}
+    from safetensors.torch import load_file
+
+    for i in range(3):
+        assert load_file(str(out / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"].shape == (16, 3 - i, 8)
+        assert load_file(str(out / f"W_enc_{i}.safetensors"))[f"W_enc_{i}"].shape == (16, 8)
+    x = torch.randn(9, 3, 8)
+    y, f = clt(x)
+    assert (f != 0).any() and (f == 0).any()
+    torch.testing.assert_close(_documented_forward(out, x, 3), y, atol=1e-5, rtol=1e-5)
+    record = json.loads((out / "actstore_export.json").read_text())
+    assert record["store_manifest_sha256"] == "ab" * 32 and record["source"] == folder
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+def test_circuit_tracer_own_loader_reads_the_clt_export(tmp_path, arch):
+    ct = pytest.importorskip("circuit_tracer.transcoder.cross_layer_transcoder")
+    folder, clt = _saved_clt(tmp_path, arch)
+    out = tmp_path / "ct"
+    actstore.export_transcoders([folder], str(out))
+    theirs = ct.load_clt(str(out), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+    x = torch.randn(9, 3, 8)
+    y, f = clt(x)
+    feats = theirs.encode(x.transpose(0, 1))  # (layers, positions, features)
+    torch.testing.assert_close(feats.transpose(0, 1), f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs.decode(feats).transpose(0, 1), y, atol=1e-5, rtol=1e-5)
+
+
+def test_clt_export_refusals_and_topk_note(tmp_path):
+    partial, _ = _saved_clt(tmp_path, "relu", layers=[1, 2], n_layers=3)
+    with pytest.raises(ConfigError, match=r"every layer 0\.\.2"):
+        actstore.export_transcoders([partial], str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists()
+    whole, _ = _saved_clt(tmp_path, "topk")
+    with pytest.raises(ConfigError, match="alone"):
+        actstore.export_transcoders([whole, partial], str(tmp_path / "b"))
+    info = actstore.export_transcoders([whole], str(tmp_path / "c"))
+    assert "ReLU" in info["notes"][0]

@@ -17,8 +17,19 @@ JumpReLU with its thresholds; batchtopk (inference rule: one global threshold) -
 on every latent (exact); topk -> `activation: topk` (circuit-tracer keeps the k largest pre-activations without
 a ReLU, ours applies one: they agree whenever a token's k-th largest pre-activation is positive).
 
-Cross-layer transcoders (W_enc_{l}.safetensors, W_dec_{l}.safetensors with W_dec_{l} (d_transcoder, n_layers - l,
-d_model)) would be a second writer next to `layer_tensors`; actstore has no CLT trainer yet.
+A cross-layer transcoder (`model_kind: cross_layer_transcoder`, read by circuit-tracer's `load_clt`) is a folder
+with config.yaml and, per layer l,
+
+    W_enc_{l}.safetensors: W_enc_{l} (d_transcoder, d_model), b_enc_{l} (d_transcoder), b_dec_{l} (d_model),
+                           [threshold_{l} (d_transcoder)]
+    W_dec_{l}.safetensors: W_dec_{l} (d_transcoder, n_layers - l, d_model)
+
+(checked against circuit_tracer/transcoder/cross_layer_transcoder.py, release 0.5.0). Its loader infers n_layers
+from the number of W_enc files and the activation from the threshold: JumpReLU with threshold_{l}, else ReLU; it
+has no TopK. `clt_tensors` converts our `CrossLayerTranscoder` (W_enc (L, d_model, d_sae), so each layer's
+encoder is transposed; W_dec[l] already has circuit-tracer's shape): relu -> ReLU; jumprelu -> its thresholds;
+batchtopk -> its per-layer inference threshold on every feature of the layer (exact); topk -> ReLU (agrees
+only where a token has at most k positive pre-activations per layer: the export notes it).
 """
 
 from __future__ import annotations
@@ -30,9 +41,11 @@ from torch import Tensor
 
 from actstore.schemas.errors import ConfigError
 from actstore.workers.families import Family
+from actstore.workers.sae.clt import CrossLayerTranscoder
 from actstore.workers.sae.model import SparseAutoencoder
 
 TRANSCODER_SET = "transcoder_set"
+CROSS_LAYER_TRANSCODER = "cross_layer_transcoder"
 CONFIG_FILE = "config.yaml"
 # actstore hook kind -> circuit-tracer (TransformerLens) hook name, without the `blocks.{l}.` prefix
 INPUT_HOOKS = {"hook_mlp_in": "mlp.hook_in", "hook_resid_mid": "hook_resid_mid"}
@@ -83,3 +96,28 @@ def hook_names(in_kind: str, out_kind: str, family: Family | None) -> tuple[str,
     plain_mlp = family is not None and family.points.get("hook_mlp_out") == ("mlp", "out")
     return INPUT_HOOKS[in_kind], "mlp.hook_out" if plain_mlp else "hook_mlp_out"
 
+
+
+def clt_files(clt: CrossLayerTranscoder) -> dict[str, dict[str, Tensor]]:
+    """{file name: tensors} of a cross-layer transcoder in circuit-tracer's layout, float32, on the CPU."""
+    def cpu(t: Tensor) -> Tensor:
+        return t.detach().to("cpu", torch.float32).contiguous().clone()
+
+    threshold = clt.threshold
+    files: dict[str, dict[str, Tensor]] = {}
+    for layer in range(clt.cfg.n_layers):
+        enc = {f"W_enc_{layer}": cpu(clt.W_enc[layer].T), f"b_enc_{layer}": cpu(clt.b_enc[layer]),
+               f"b_dec_{layer}": cpu(clt.b_dec[layer])}
+        if threshold is not None:
+            enc[f"threshold_{layer}"] = cpu(threshold[layer])
+        files[f"W_enc_{layer}.safetensors"] = enc
+        files[f"W_dec_{layer}.safetensors"] = {f"W_dec_{layer}": cpu(clt.W_dec[layer])}
+    return files
+
+
+def clt_activation_note(clt: CrossLayerTranscoder) -> str | None:
+    """Why circuit-tracer's activation differs from ours for this CLT, or None when they agree exactly."""
+    if clt.cfg.architecture == "topk" or clt.threshold is None and clt.cfg.architecture != "relu":
+        return ("TopK cross-layer transcoder: circuit-tracer's CLT loader has no TopK and applies a ReLU, which "
+                "agrees only where a token has at most k positive pre-activations in a layer")
+    return None
