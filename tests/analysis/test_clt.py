@@ -223,7 +223,7 @@ def test_run_clt_job_needs_an_output(planted):
 
 
 # ------------------------------------------------------------------------------ circuit-tracer export
-def _saved_clt(tmp_path, arch: str, layers: list[int] = [0, 1, 2], n_layers: int = 3) -> tuple[str, Any]:
+def _saved_clt(tmp_path, arch: str, layers: tuple[int, ...] = (0, 1, 2), n_layers: int = 3) -> tuple[str, Any]:
     from actstore.schemas.sae import TrainConfig
     from actstore.workers.sae.training import TrainResult
 
@@ -296,7 +296,7 @@ def test_circuit_tracer_own_loader_reads_the_clt_export(tmp_path, arch):
 
 
 def test_clt_export_refusals_and_topk_note(tmp_path):
-    partial, _ = _saved_clt(tmp_path, "relu", layers=[1, 2], n_layers=3)
+    partial, _ = _saved_clt(tmp_path, "relu", layers=(1, 2), n_layers=3)
     with pytest.raises(ConfigError, match=r"every layer 0\.\.2"):
         actstore.export_transcoders([partial], str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()

@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from safetensors.torch import load as st_load
@@ -68,9 +68,9 @@ from actstore.workers.sae.saelens import save_saelens
 from actstore.workers.threads import torch_threads
 
 Batch = Tensor | tuple[Tensor, Tensor]
-Model = SparseAutoencoder | CrossLayerTranscoder
-ModelConfig = SAEConfig | CLTConfig
-Scale = float | list[float]  # one factor, or one per layer (cross-layer transcoders)
+Model: TypeAlias = SparseAutoencoder | CrossLayerTranscoder
+ModelConfig: TypeAlias = SAEConfig | CLTConfig
+Scale: TypeAlias = float | list[float]  # one factor, or one per layer (cross-layer transcoders)
 
 
 class TrainingInterrupted(ActstoreError):
@@ -304,7 +304,11 @@ def _sqrt_d_scale(x: Tensor, groups: int | None = None) -> Scale:
     """c such that the mean L2 norm of c * x is sqrt(d); with `groups` (layers side by side in each row), one
     such c per group, so that every layer of a cross-layer transcoder weighs the same in the loss."""
     if groups is not None:
-        return [float(_sqrt_d_scale(part)) for part in x.chunk(groups, dim=1)]
+        return [_one_scale(part) for part in x.chunk(groups, dim=1)]
+    return _one_scale(x)
+
+
+def _one_scale(x: Tensor) -> float:
     mean_norm = float(x.double().norm(dim=1).mean())
     return math.sqrt(x.shape[1]) / mean_norm if mean_norm > 0 else 1.0
 
