@@ -213,3 +213,31 @@ def test_clt_config_refusals():
         CLTConfig(d_model=8, n_layers=2, expansion=1, k=9)
     with pytest.raises(ConfigError, match="n_layers"):
         CLTConfig(d_model=8, n_layers=0)
+
+
+def test_interrupted_training_resumes_bit_identically(tmp_path):
+    """A CLT run stopped mid-way and restarted from its checkpoint ends exactly where an uninterrupted run does
+    (per-layer scale factors, Adam state and dead counters all survive the checkpoint)."""
+    import threading
+
+    from actstore.workers.sae.training import TrainingInterrupted
+
+    x, y, _ = planted_circuit(2048, n_layers=2, d=8, n_feat=4)
+    batches = [(torch.tensor(x[i:i + 256].reshape(-1, 16), dtype=torch.float32),
+                torch.tensor(y[i:i + 256].reshape(-1, 16), dtype=torch.float32)) for i in range(0, 2048, 256)]
+    cfg = CLTConfig(d_model=8, n_layers=2, expansion=2, k=2, architecture="batchtopk")
+    tcfg = TrainConfig(batch_size=128, training_tokens=4096, norm_estimation_tokens=512, checkpoint_every=3,
+                       select_dtype="float32", dead_window_tokens=256)
+    whole = train(batches * 2, cfg, tcfg)
+    stop = threading.Event()
+
+    def progress(info):
+        if info["step"] >= 10:
+            stop.set()
+
+    with pytest.raises(TrainingInterrupted):
+        train(batches * 2, cfg, TrainConfig(**{**tcfg.__dict__, "log_every": 1}), tmp_path / "ck", progress, stop)
+    resumed = train(batches * 2, cfg, TrainConfig(**{**tcfg.__dict__, "log_every": 1}), tmp_path / "ck")
+    assert isinstance(resumed.metrics["scale_in"], list) and len(resumed.metrics["scale_in"]) == 2
+    for key, value in whole.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[key]), key
