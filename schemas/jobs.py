@@ -117,7 +117,6 @@ class TranscoderJob(_Evaluated):
         return [self.in_hook, self.out_hook]
 
 
-CLT_INPUT_KINDS = ("hook_mlp_in", "hook_resid_mid")
 CLT_OUTPUT_KIND = "hook_mlp_out"
 
 
