@@ -429,8 +429,12 @@ def _add_readers(add: Callable[..., argparse.ArgumentParser]) -> None:
     c.set_defaults(fn=_label)
 
 
+CLT_REFUSED = ("sae.skip", "sae.matryoshka_widths")  # SAE settings a cross-layer transcoder has no use for
+
+
 def _job_parser(add: Callable[..., argparse.ArgumentParser], name: str, job_cls: Any, text: str,
-                positional_url: bool = False, aliases: dict[str, str] | None = None) -> argparse.ArgumentParser:
+                positional_url: bool = False, aliases: dict[str, str] | None = None,
+                skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """A verb whose options are the fields of `job_cls` (generated), plus a YAML config and --set overrides."""
     from actstore.cli_options import add_job_flags
 
@@ -444,7 +448,7 @@ def _job_parser(add: Callable[..., argparse.ArgumentParser], name: str, job_cls:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field (dotted for nested settings, e.g. train.lr=0.001)")
     c.add_argument("--json", action="store_true", help="print JSON")
-    add_job_flags(c, job_cls, aliases=aliases)
+    add_job_flags(c, job_cls, skip, aliases=aliases)
     return c
 
 
@@ -466,7 +470,8 @@ def _add_train(add: Callable[..., argparse.ArgumentParser]) -> None:
     _job_parser(tsub.add_parser, "transcoder", TranscoderJob, "train transcoders from --in-hook to "
                 "--out-hook").set_defaults(fn=_train_sae)
     _job_parser(tsub.add_parser, "clt", CLTJob, "train a cross-layer transcoder: every layer's MLP input encoded, "
-                "each feature decoded to its own and every later layer's MLP output (one Dask task)").set_defaults(
+                "each feature decoded to its own and every later layer's MLP output (one Dask task)",
+                skip=CLT_REFUSED).set_defaults(
         fn=_train_clt)
     _job_parser(tsub.add_parser, "probe", ProbeJob, "probe a document label on every hook (one Dask task per "
                 "hook), or token-aligned span labels with --label span:NAME --pooling token").set_defaults(

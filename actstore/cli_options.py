@@ -66,6 +66,8 @@ def flags_of(job_cls: type[BaseModel], skip: tuple[str, ...] = ()) -> list[Flag]
             continue
         if _is_config(ann):
             for sub, sann, sdefault, sdoc in _fields(ann):
+                if f"{name}.{sub}" in skip:  # a nested setting this job refuses (e.g. sae.skip for a CLT)
+                    continue
                 out.append(Flag(f"{name}.{sub}", "--" + sub.replace("_", "-"), f"{name}__{sub}", sann, sdefault, sdoc))
         else:
             flag = SPECIAL.get(name, ("--" + name.replace("_", "-"), {}))[0]
