@@ -47,6 +47,7 @@ _HOOK_STATS = ("mean_norm", "norm_p1", "norm_p50", "norm_p99", "max_abs", "mean_
 _SPECTRUM_KEYS = ("basis", "null", "n_samples", "d", "q", "n_outliers", "n_outliers_mp", "n_outliers_permutation",
                   "null_edge", "sigma2", "lambda_minus", "lambda_plus", "ks", "spectral_entropy", "effective_rank",
                   "participation_ratio", "alpha", "n_massive_dims")
+_CLT_KEYS = ("fvu", "l0", "dead_fraction", "ce_loss_score", "kl_score")
 _PROBE_KEYS = ("auroc", "accuracy", "f1", "recall_at_1pct_fpr", "recall_at_5pct_fpr", "n_docs")
 _TOKEN_PROBE_KEYS = ("n_tokens", "doc_auroc", "doc_f1", "doc_recall_at_5pct_fpr")  # token probes add these
 _SAE_FIRST = ("fvu", "ev_legacy", "ev_zero_centred", "l0", "dead_fraction", "dense_fraction", "cosine",
@@ -79,6 +80,8 @@ def scan_results(results_dir: str | os.PathLike | None, manifest_sha256: str | N
                 add_series(scan, path)
         if "cfg.json" in files and "metrics.json" in files:
             _add_sae(scan, d)
+        if "clt.json" in files and "metrics.json" in files:
+            _add_clt(scan, d)
     if scan.res.other_stores:
         scan.res.notes.append(f"{scan.res.other_stores} result file(s) under {results_dir} were made from other "
                               "stores (or record no store) and are not shown")
@@ -116,6 +119,12 @@ def _add_sae(scan: ResultScan, d: str) -> None:
     if not isinstance(cfg, dict) or not isinstance(metrics, dict) or not scan.ours(metrics.get("provenance")):
         return
     scan.res.saes.append((d, cfg, _flatten({k: v for k, v in metrics.items() if k not in ("provenance", "hooks")})))
+
+
+def _add_clt(scan: ResultScan, d: str) -> None:
+    metrics = scan.load(f"{d.rstrip('/')}/metrics.json")
+    if isinstance(metrics, dict) and scan.ours(metrics.get("provenance")):
+        scan.res.clts.append((d, metrics))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -266,6 +275,23 @@ def sae_section(found: Results) -> str:
                                                  "sae-results"), "saes")
 
 
+def clt_section(found: Results) -> str:
+    """Per cross-layer transcoder: its totals, and FVU and L0 layer by layer."""
+    if not found.clts:
+        return ""
+    body = ""
+    for i, (d, m) in enumerate(found.clts):
+        name = os.path.basename(d.rstrip("/").rstrip(os.sep))
+        layers = [f"L{layer}" for layer in m.get("layers") or range(len(m.get("fvu_per_layer") or []))]
+        fig = _line_figure([("FVU", list(m.get("fvu_per_layer") or []), "C0")], layers, "held-out FVU",
+                           f"{name}: FVU of each layer's MLP output")
+        body += figure(fig, f"clt-{i}", f"{d}: reconstruction of each layer's MLP output")
+        body += table(["CLT", *_CLT_KEYS], [[name, *(m.get(k) for k in _CLT_KEYS)]], f"clt-{i}-results")
+        if m.get("l0_per_layer"):
+            body += table(["", *layers], [["L0 (features active per token)", *m["l0_per_layer"]]], f"clt-{i}-l0")
+    return section("Cross-layer transcoders", body, "clts")
+
+
 def probe_section(found: Results) -> str:
     if not found.probes:
         return ""
@@ -334,7 +360,7 @@ def write_report(store_url_or_store: Any, out_path: str | os.PathLike, results_d
     stats = layer_stats if layer_stats is not None else layer_statistics(store)
     title = title or f"actstore report: {store.manifest.model.id if store.manifest.model else store.url}"
     body = (summary_section(store) + spectra_section(store, hooks, found) + layer_section(stats)
-            + sae_section(found) + probe_section(found) + series_section(store, found.series, label)
+            + sae_section(found) + clt_section(found) + probe_section(found) + series_section(store, found.series, label)
             + causal_sections(None if where is None else str(where), store,
                               storage_options or getattr(store, "_storage_options", None))
             + "".join(note(n) for n in found.notes))

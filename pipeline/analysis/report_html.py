@@ -30,6 +30,7 @@ class Results:
     saes: list[tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)  # (dir, cfg, metrics)
     probes: list[tuple[str, str, list[dict[str, Any]]]] = field(default_factory=list)  # (label, path, rows)
     series: list[tuple[str, Any]] = field(default_factory=list)  # (path, spectral series pyarrow Table)
+    clts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (dir, metrics) of cross-layer transcoders
     notes: list[str] = field(default_factory=list)
     other_stores: int = 0  # results made from other stores (or without provenance), left out
 

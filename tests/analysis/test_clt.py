@@ -5,6 +5,7 @@ refusals before any work, the Dask job and the CLI verb."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,11 @@ def test_train_clt_recovers_the_planted_circuit_and_saves(planted, tmp_path):
     x = torch.randn(7, N_LAYERS * D)
     torch.testing.assert_close(clt(x)[0], res.sae(x)[0])
     assert not list(out.glob("*.tmp-*")) and not list(out.rglob("*.pkl"))
+    from actstore.pipeline.analysis.report import write_report
+
+    html = Path(write_report(store, tmp_path / "report.html", results_dir=tmp_path, spectra_hooks=[])).read_text()
+    row = html.split('id="clt-0-results"')[1].split("</table>")[0]
+    assert 'id="clts"' in html and 'id="clt-0"' in html and f"{m['fvu']:.4g}" in row
 
 
 def test_refusals_before_any_work(planted, tmp_path):
