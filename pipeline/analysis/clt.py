@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 from actstore.pipeline.analysis.results import Output, check_writable, provenance
-from actstore.pipeline.analysis.sae import METRICS_FILE, _open, _out_lease, split_row
+from actstore.pipeline.analysis.sae import METRICS_FILE, _open, _out_lease, eval_model, split_row
 from actstore.pipeline.store.loader import ActivationLoader
 from actstore.schemas.errors import AnalysisError, ConfigError
 from actstore.schemas.jobs import CLT_OUTPUT_KIND, CLTJob
 from actstore.schemas.sae import CLTConfig, SAESettings, TrainConfig
-from actstore.workers.families import MODEL_TYPES
 from actstore.workers.sae.clt import CrossLayerTranscoder
 from actstore.workers.sae.metrics import evaluate_layers
 from actstore.workers.sae.training import TrainResult, train
@@ -125,25 +124,10 @@ def fit(job: CLTJob, store: Any = None, progress: Any = None, stop: threading.Ev
 
 def _spliced_metrics(store: Any, job: CLTJob, res: TrainResult, cut: int, layers: list[int]) -> None:
     """Replacement-model CE/KL scores when a causal LM is available; otherwise record why not."""
-    man = store.manifest
-    path = job.model or (man.model.id if man.model else None)
-    if not path or job.n_eval_seqs <= 0:
-        res.metrics["ce_kl"] = "skipped: no model in the manifest (pass model=...)"
+    model = eval_model(store, job, res, cut)
+    if model is None:
         return
-    known = MODEL_TYPES.get(man.model.model_type or "") if man.model else None
-    if known is not None and not known.causal and not job.model:
-        res.metrics["ce_kl"] = f"skipped: {man.model.model_type} is not a causal LM"
-        return
-    from actstore.pipeline.analysis.splice import load_causal_lm
-
-    try:
-        lm = load_causal_lm(path, man.model.revision if man.model else None)
-    except (OSError, ValueError) as e:
-        res.metrics["ce_kl"] = f"skipped: {str(e).splitlines()[0][:200]}"
-        return
-    tok = store.tokens().slice(cut)
-    seq, ids = tok.column("seq_id").to_numpy(), tok.column("token_id").to_numpy()
-    seqs = [ids[seq == s] for s in np.unique(seq)[:job.n_eval_seqs]]
+    lm, seqs = model
     hooks_in, hooks_out = job.hooks_for(layers)
     res.metrics.update(replacement_scores(lm, seqs, res.sae.float().eval(), hooks_in, hooks_out))
 

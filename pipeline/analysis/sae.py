@@ -123,27 +123,38 @@ def _evaluate(store: Any, job: SAEJob | TranscoderJob, res: TrainResult, cut: in
     _spliced_metrics(store, job, res, cut)
 
 
-def _spliced_metrics(store: Any, job: SAEJob | TranscoderJob, res: TrainResult, cut: int) -> None:
-    """CE/KL scores when a causal LM is available; otherwise record why not."""
+def eval_model(store: Any, job: Any, res: TrainResult, cut: int) -> tuple[Any, list[np.ndarray]] | None:
+    """(causal LM, held-out token sequences) for CE/KL scores, or None with the reason in `res.metrics["ce_kl"]`
+    (no model, an encoder, a model that does not load, or n_eval_seqs 0)."""
     man = store.manifest
     path = job.model or (man.model.id if man.model else None)
     if not path or job.n_eval_seqs <= 0:
         res.metrics["ce_kl"] = "skipped: no model in the manifest (pass model=...)"
-        return
+        return None
     known = MODEL_TYPES.get(man.model.model_type or "") if man.model else None
     if known is not None and not known.causal and not job.model:
         res.metrics["ce_kl"] = f"skipped: {man.model.model_type} is not a causal LM"
-        return
-    from actstore.pipeline.analysis.splice import load_causal_lm, splice_scores
+        return None
+    from actstore.pipeline.analysis.splice import load_causal_lm
 
     try:
         lm = load_causal_lm(path, man.model.revision if man.model else None)
     except (OSError, ValueError) as e:
         res.metrics["ce_kl"] = f"skipped: {str(e).splitlines()[0][:200]}"
-        return
+        return None
     tok = store.tokens().slice(cut)
     seq, ids = tok.column("seq_id").to_numpy(), tok.column("token_id").to_numpy()
-    seqs = [ids[seq == s] for s in np.unique(seq)[:job.n_eval_seqs]]
+    return lm, [ids[seq == s] for s in np.unique(seq)[:job.n_eval_seqs]]
+
+
+def _spliced_metrics(store: Any, job: SAEJob | TranscoderJob, res: TrainResult, cut: int) -> None:
+    """CE/KL scores when a causal LM is available; otherwise record why not."""
+    from actstore.pipeline.analysis.splice import splice_scores
+
+    model = eval_model(store, job, res, cut)
+    if model is None:
+        return
+    lm, seqs = model
     sae = res.sae.float().eval()
 
     def replace(t: Any) -> Any:
