@@ -437,7 +437,9 @@ class InterveneJob(BaseModel):
 
     def extract_config(self) -> ExtractConfig:
         """The extraction config with the same inputs (planning reuses extraction's: same sequences, same rows)."""
-        shared = {k: getattr(self, k) for k in ExtractConfig.model_fields if k in type(self).model_fields}
+        # `generate` differs: here it continues the planned documents, in extraction it makes them prompts
+        shared = {k: getattr(self, k) for k in ExtractConfig.model_fields
+                  if k in type(self).model_fields and k != "generate"}
         return ExtractConfig.model_validate({**shared, "output": "actstore-intervene-writes-no-store"})
 
 

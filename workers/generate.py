@@ -67,7 +67,8 @@ def respond(runner: Any, tok: Any, plan: ShardPlan, g: GenerateSettings, batch_s
         seqs.append(joined(seq, ids, chars, special))
         rows.append((int(seq.doc[0]), text, reason, len(ids)))
     table = pa.Table.from_pylist([dict(zip(RESPONSES_SCHEMA.names, r)) for r in rows], schema=RESPONSES_SCHEMA)
-    return ShardPlan(plan.shard_id, plan.seq_start, plan.token_start, seqs, plan.part), table
+    # rows before this shard in its part depend on earlier shards' responses: counted at the part's commit
+    return ShardPlan(plan.shard_id, plan.seq_start, 0, seqs, plan.part), table
 
 
 def cut(tok: Any, out: np.ndarray, stops: frozenset[int], stop_strings: list[str]) -> tuple[np.ndarray, str]:

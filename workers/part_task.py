@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from actstore.schemas import layout
+from actstore.schemas.config import ExtractConfig
 from actstore.schemas.errors import AppendError
 from actstore.schemas.generate import GenerateSettings
 from actstore.workers import storage
@@ -70,7 +71,8 @@ class PartJob:
         spec = CorpusSpec.of(cfg)
         if isinstance(spec.corpus, list):  # list parts carry their own items: never ship the whole list
             spec = CorpusSpec(**{**asdict(spec), "corpus": []})
-        gen = getattr(cfg, "generate", None)
+        # only an extraction's records are prompts (an intervention's `generate` continues its own documents)
+        gen = cfg.generate if isinstance(cfg, ExtractConfig) else None
         return cls(spec, cfg.model, cfg.revision, cfg.trust_remote_code, cfg.context_length,
                    cfg.packing, cfg.shard_tokens, append_tag, getattr(cfg, "span_field", None),
                    gen.model_dump() if gen is not None else None)
