@@ -4,7 +4,7 @@ A prompt gets the tokenizer's own special tokens (or, with `chat_template`, the 
 them) and must leave `max_new_tokens` positions for its response within context_length: a longer prompt keeps
 its last tokens, after its first token when that is a special one (BOS), because the end of a prompt is what
 the response continues. Character spans keep indexing the record's text: with a chat template, the template's
-own tokens get (-1, -1).
+own tokens get (-1, -1) and a token straddling the template and the text the span of its text part.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _shift(enc: Encoded, offset: int, n: int) -> Encoded:
     """Spans of the templated string made spans of the record's text (template tokens: no span)."""
     if enc.chars is None:
         return enc
-    chars = enc.chars.astype(np.int64) - max(offset, 0)
-    outside = (chars[:, 0] < 0) | (chars[:, 1] > n) | (enc.chars[:, 0] < 0) | (offset < 0)
+    chars = np.clip(enc.chars.astype(np.int64) - max(offset, 0), 0, n)  # a token straddling the edge: its text part
+    outside = (chars[:, 0] >= chars[:, 1]) | (enc.chars[:, 0] < 0) | (offset < 0)
     chars[outside] = NO_SPAN
     return Encoded(enc.ids, chars.astype(np.int32))
 

@@ -73,7 +73,7 @@ def test_greedy_ids_and_rows_equal_hf(tmp_path, tiny_lm, family):
         assert docs.loc[doc_id, "finish_reason"] == ("eos" if resp[-1] == eos else "length")
         assert docs.loc[doc_id, "n_tokens"] == len(g)
         with torch.no_grad():
-            hs = _lm(path)(input_ids=torch.as_tensor(g["token_id"].to_numpy()[None], dtype=torch.long),
+            hs = _lm(path)(input_ids=torch.tensor(g["token_id"].to_numpy()[None], dtype=torch.long),
                            output_hidden_states=True).hidden_states
         rows = g.index.to_numpy()
         for i, h in enumerate(HOOKS):
@@ -138,6 +138,26 @@ def test_long_prompt_is_truncated_from_the_left(tmp_path, tiny_lm):
     prompt = g[~g.response]["token_id"].tolist()
     full = tok(long)["input_ids"]
     assert len(prompt) == 48 - 10 and prompt[0] == tok.bos_token_id and prompt[1:] == full[-(len(prompt) - 1):]
+
+
+def test_chat_template_wraps_the_prompt(tmp_path, tiny_lm):
+    src = tiny_lm("gpt2")
+    tok = T.AutoTokenizer.from_pretrained(src)
+    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Bot:"
+    path = tmp_path / "chat-model"
+    T.AutoModelForCausalLM.from_pretrained(src).save_pretrained(path)
+    tok.save_pretrained(path)
+    prompts = ["two plus two", "the sky is"]
+    store = _gen(str(path), tmp_path / "s", corpus=prompts, generate={"max_new_tokens": 6, "chat_template": True})
+    g = store.tokens().to_pandas()
+    for doc_id, text in enumerate(prompts):
+        p = g[(g.doc_id == doc_id) & ~g.response]
+        assert tok.decode(p["token_id"].tolist()) == f"User: {text}\nBot:"
+        inside = p[p.char_start >= 0]
+        assert "".join(text[a:b] for a, b in zip(inside.char_start, inside.char_end)).strip() == text
+        assert len(inside) < len(p)  # the template's own tokens have no span in the record's text
+    with pytest.raises(actstore.CorpusError, match="no chat template"):
+        _gen(src, tmp_path / "none", corpus=prompts, generate={"max_new_tokens": 4, "chat_template": True})
 
 
 def test_sampling_is_seeded_and_reproducible(tmp_path, tiny_lm):
