@@ -22,8 +22,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CACHE, Ctx, best_ratio, fmt_ratio, fmt_x, goal_status, interleave, log, md_table, \
-    median_of, minilm_path, per_round
+from benchmarks.common import (
+    CACHE,
+    Ctx,
+    best_ratio,
+    fmt_ratio,
+    fmt_x,
+    goal_status,
+    interleave,
+    log,
+    md_table,
+    median_of,
+    minilm_path,
+    per_round,
+)
 
 NAME = "generate"
 TITLE = "11. Generated responses: capture vs model.generate alone"
