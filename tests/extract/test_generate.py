@@ -18,6 +18,7 @@ import torch
 import transformers as T
 
 import actstore
+from actstore.pipeline.extract import estimate
 from actstore.schemas.errors import AppendError, ConfigError, LabelError
 from actstore.schemas.generate import GenerateSettings
 from tests.support import corpus_texts, crash_after_shards, extract_local, tree_digest
@@ -273,3 +274,27 @@ def test_ray_equals_local(tmp_path, tiny_lm):
     assert ray_store.manifest.shards == local.manifest.shards
     assert tree_digest(tmp_path / "ray") == tree_digest(tmp_path / "local")
     assert ray_store.docs().equals(local.docs())
+
+
+def test_parts_and_empty_prompts(tmp_path, tiny_lm):
+    path = tiny_lm("gpt2")
+    corpus = [*PROMPTS[:3], "", *PROMPTS[3:5]]
+    store = _gen(path, tmp_path / "s", corpus=corpus, part_docs=2)
+    assert len(store.manifest.parts) == 3 and store.verify().ok
+    tok = T.AutoTokenizer.from_pretrained(path)
+    docs = store.docs().to_pandas().set_index("doc_id")
+    rows = store.tokens().to_pandas()
+    assert docs["n_tokens"].sum() == store.n_tokens == len(rows)
+    empty = docs[docs.n_chars == 0]
+    assert len(empty) == 1 and empty["response"].isna().all() and empty["finish_reason"].isna().all()
+    for doc_id, g in rows.groupby("doc_id"):
+        assert docs.loc[doc_id, "response"] == tok.decode(g[g.response]["token_id"].tolist(), skip_special_tokens=True)
+        assert docs.loc[doc_id, "n_tokens"] == len(g)
+    assert sorted(rows.doc_id.unique() >> 32) == [0, 0, 1, 2, 2]  # doc ids of three parts
+
+
+def test_plan_refuses_generate(tmp_path, tiny_lm):
+    with pytest.raises(ConfigError, match="does not estimate runs with generate"):
+        estimate.plan(dict(model=tiny_lm("gpt2"), corpus=PROMPTS[:2], hooks=HOOKS, output=str(tmp_path / "s"),
+                           packing=False, context_length=48, generate={"max_new_tokens": 4}))
+    assert not (tmp_path / "s").exists()
