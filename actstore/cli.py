@@ -51,14 +51,15 @@ def _committed(cfg: Any) -> Any:
 def config_help() -> str:
     """Every ExtractConfig key (and nested key) with its type, default and docstring, as the README shows them."""
     from actstore.schemas.config import ExtractConfig, TokenOutputs
+    from actstore.schemas.generate import GenerateSettings
 
     lines = []
-    for model, prefix in ((ExtractConfig, ""), (TokenOutputs, "token_outputs.")):
+    for model, prefix in ((ExtractConfig, ""), (TokenOutputs, "token_outputs."), (GenerateSettings, "generate.")):
         for name, f in model.model_fields.items():
             default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
             ann = f.annotation
             kind = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace(
-                "actstore.schemas.config.", "")
+                "actstore.schemas.config.", "").replace("actstore.schemas.generate.", "")
             lines.append(f"{prefix}{name}: {kind} ({default})")
             lines += [f"    {line.strip()}" for line in (f.description or "").splitlines()]
     return "\n".join(lines)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from benchmarks.common import Ctx, fmt_ratio, interleave, log, md_table, per_round, ratio_stats
 
 NAME = "open"
-TITLE = "11. `open_store` at 10^5 shards"
+TITLE = "12. `open_store` at 10^5 shards"
 GOAL_S = 1.0
 
 

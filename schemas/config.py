@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actstore.schemas.errors import ConfigError  # noqa: F401  (defined with its siblings; raised here)
+from actstore.schemas.generate import GenerateSettings
 from actstore.schemas.hooks import HookNameError, parse_hooks
 from actstore.schemas.validation import build
 
@@ -21,7 +22,7 @@ StorageDtype = Literal["float32", "float16", "bfloat16"]
 # Content fields added after stores were first written: left out of the config hash while at their default, so
 # that the stores written before them still resume and grow.
 LATER_FIELDS: dict[str, Any] = {"extensions": None, "part_bytes": 256 << 20, "part_docs": 100_000,
-                               "span_field": None}
+                               "span_field": None, "generate": None}
 # Fields that say where and how a run executes, never what it stores: outside the config hash.
 RUN_FIELDS = frozenset({"output", "executor", "ray_address", "num_workers", "min_workers", "max_workers",
                         "threads_per_worker", "writer_threads", "shards_in_flight", "storage_options", "progress",
@@ -126,6 +127,12 @@ class ExtractConfig(BaseModel):
     token_outputs: TokenOutputs | None = None
     """Store per-token outputs of a causal LM: next-token loss (and `topk` log-probabilities), e.g.
     `token_outputs: {topk: 5}`. Runs the whole model with its LM head, so it turns early exit off."""
+    generate: GenerateSettings | None = None
+    """Treat each record as a prompt and store the model's response to it: e.g. `generate: {max_new_tokens: 64}`
+    (greedy) or `{do_sample: true, temperature: 0.7, seed: 1}`. Rows are the teacher-forced forward over prompt +
+    response; tokens() gains `response`, docs() `response` and `finish_reason`. Needs packing: false and a causal
+    LM. A prompt longer than context_length - max_new_tokens tokens keeps its last tokens (truncated from the
+    left, after its first token when that is BOS)."""
     append: Literal["hooks", "tokens"] | None = None
     """Grow the complete store at `output` instead of writing a new one (existing shards are never rewritten; the
     manifest is replaced atomically at the end; rerunning an interrupted append resumes it shard by shard).
@@ -171,6 +178,16 @@ class ExtractConfig(BaseModel):
         if isinstance(v, str) and not v.strip():
             raise ValueError("corpus must be a path, glob or list of documents")
         return v
+
+    @model_validator(mode="after")
+    def _generate(self) -> ExtractConfig:
+        g = self.generate
+        if g is not None and self.packing:
+            raise ValueError("generate needs packing: false (one prompt and its response per sequence)")
+        if g is not None and g.max_new_tokens >= self.context_length:
+            raise ValueError(f"generate.max_new_tokens: {g.max_new_tokens} leaves no room for a prompt in "
+                             f"context_length {self.context_length}")
+        return self
 
     @model_validator(mode="after")
     def _pool(self) -> ExtractConfig:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from actstore.schemas.config import ExtractConfig
+from actstore.schemas.generate import GenerateSettings
 from actstore.schemas.hooks import parse_hooks
 from actstore.schemas.probe import ProbeConfig
 from actstore.schemas.sae import SAESettings, TrainConfig
@@ -350,23 +351,22 @@ def _extract_field(name: str) -> Any:
     return copy.deepcopy(ExtractConfig.model_fields[name])
 
 
-class GenerateSettings(BaseModel):
+class InterveneGenerate(GenerateSettings):
     """Greedy (or seeded sampled) continuations of the first documents, once per intervention."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
     max_new_tokens: int = Field(default=32, gt=0)
     """Tokens generated per prompt."""
     n_prompts: int = Field(default=4, gt=0)
     """The first this many documents of the corpus are the prompts (truncated to context_length)."""
-    do_sample: bool = False
-    """False: greedy decoding. True: sampling with temperature and top_p, seeded per prompt."""
-    temperature: float = Field(default=1.0, gt=0)
-    """Sampling temperature."""
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    """Nucleus sampling mass."""
     seed: int = 0
     """Seed of prompt i is seed + i, the same for every intervention (so texts differ only by the edit)."""
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> InterveneGenerate:
+        if self.chat_template or self.stop:
+            raise ValueError("generate.chat_template and generate.stop are extraction settings; intervene "
+                             "continues the documents as they are and stops at EOS")
+        return self
 
 
 Mode = Literal["add", "ablate", "clamp", "patch", "zero", "mean"]
@@ -420,7 +420,7 @@ class InterveneJob(BaseModel):
     """Allow a direction made at another hook than the one edited (the widths must still agree)."""
     topk: int = Field(default=10, ge=0)
     """Tokens listed per row whose mean next-token probability rose (top_increased) or fell (top_decreased) most."""
-    generate: GenerateSettings | None = None
+    generate: InterveneGenerate | None = None
     """Also generate continuations per row (needs packing: false; not with patch), e.g. {max_new_tokens: 20}."""
     out: str | None = None
     """Output folder or URL for intervene.parquet and intervene.json (with the job and the direction's source)."""
@@ -475,7 +475,9 @@ class InterveneJob(BaseModel):
 
     def extract_config(self) -> ExtractConfig:
         """The extraction config with the same inputs (planning reuses extraction's: same sequences, same rows)."""
-        shared = {k: getattr(self, k) for k in ExtractConfig.model_fields if k in type(self).model_fields}
+        # `generate` differs: here it continues the planned documents, in extraction it makes them prompts
+        shared = {k: getattr(self, k) for k in ExtractConfig.model_fields
+                  if k in type(self).model_fields and k != "generate"}
         return ExtractConfig.model_validate({**shared, "output": "actstore-intervene-writes-no-store"})
 
 

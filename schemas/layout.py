@@ -23,6 +23,7 @@ TOKENS = "tokens.parquet"  # token index
 ACTS = "acts.zarr"  # Zarr v3 group, one array per hook
 SHARD_STATS = "stats.safetensors"  # the shard's mergeable statistics (also the merged file's name)
 OUTPUTS = "outputs.parquet"  # optional per-token model outputs
+RESPONSES = "responses.parquet"  # generate: one row per prompt (response text, finish_reason), joined into docs
 
 # A feature store (`actstore encode`): sparse SAE codes with the source store's shards and token index.
 FEATURES_MANIFEST = "features.json"  # the feature store's commit record, written last

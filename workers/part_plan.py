@@ -21,7 +21,9 @@ import numpy as np
 import pyarrow as pa
 
 from actstore.schemas.errors import CorpusError
+from actstore.schemas.generate import GenerateSettings
 from actstore.workers.corpus import Document, MetadataTypes, doc_digest
+from actstore.workers.prompts import prompt_encodings
 from actstore.workers.tokenize import (
     Encoded,
     ShardPlan,
@@ -42,11 +44,13 @@ class PartPlanner:
 
     def __init__(self, docs: Iterable[Document], tok: Any, special: SpecialIds, context_length: int, packing: bool,
                  shard_tokens: int, doc_base: int = 0, seq_base: int = 0, part: int | None = None,
-                 name: Callable[[int, int], str] = v1_shard_id, drop_field: str | None = None) -> None:
+                 name: Callable[[int, int], str] = v1_shard_id, drop_field: str | None = None,
+                 generate: GenerateSettings | None = None) -> None:
         self._docs, self.tok, self.special = iter(docs), tok, special
         self.context_length, self.packing, self.shard_tokens = context_length, packing, shard_tokens
         self.doc_base, self.seq_base, self.part, self.name = doc_base, seq_base, part, name
         self.drop_field = drop_field  # span labels of the records: not metadata (hashed, then left out of docs)
+        self.generate = generate  # records are prompts: shards budget room for each response
         self._hash = hashlib.sha256()
         self.types = MetadataTypes()
         self.cols: dict[str, list] = {"doc_id": [], "source": [], "n_chars": []}  # docs rows, column by column
@@ -61,7 +65,8 @@ class PartPlanner:
     def __iter__(self) -> Iterator[ShardPlan]:
         docs = self._tokenized()
         seqs = pack(docs, self.context_length, self.special) if self.packing else unpacked(docs, self.special)
-        for plan in plan_shards(seqs, self.shard_tokens, self.name, self.seq_base, self.part):
+        reserve = self.generate.max_new_tokens if self.generate is not None else 0
+        for plan in plan_shards(seqs, self.shard_tokens, self.name, self.seq_base, self.part, reserve):
             self._count(plan)
             yield plan
 
@@ -79,7 +84,9 @@ class PartPlanner:
         # With packing, special tokens come from the packer; without, from the tokenizer (truncated to the window).
         add_special, max_length = not self.packing, None if self.packing else self.context_length
         while batch := list(itertools.islice(self._docs, TOKENIZE_BATCH)):
-            lists = tokenize_batch(self.tok, [d.text for d in batch], add_special, max_length)
+            texts = [d.text for d in batch]
+            lists = (prompt_encodings(self.tok, texts, self.generate, self.context_length) if self.generate
+                     else tokenize_batch(self.tok, texts, add_special, max_length))
             for doc, toks in zip(batch, lists):
                 doc_id = self.doc_base + self.n_docs
                 doc_digest(self._hash, doc)

@@ -25,10 +25,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from actstore.schemas import layout
+from actstore.schemas.config import ExtractConfig
 from actstore.schemas.errors import AppendError
+from actstore.schemas.generate import GenerateSettings
 from actstore.workers import storage
+from actstore.workers.generate import respond
 from actstore.workers.part_plan import PartPlanner
 from actstore.workers.parts import PART_SHIFT, CorpusSpec, Part, read_part
 from actstore.workers.runner import ModelRunner
@@ -58,14 +64,18 @@ class PartJob:
     shard_tokens: int
     append_tag: str | None = None  # append: hooks: check each shard against the store, then add hooks to it
     span_field: str | None = None  # record field of span labels: kept out of the docs rows (the driver maps them)
+    generate: dict[str, Any] | None = None  # GenerateSettings: records are prompts, shards budget their responses
 
     @classmethod
     def of(cls, cfg: Any, append_tag: str | None = None) -> PartJob:
         spec = CorpusSpec.of(cfg)
         if isinstance(spec.corpus, list):  # list parts carry their own items: never ship the whole list
             spec = CorpusSpec(**{**asdict(spec), "corpus": []})
+        # only an extraction's records are prompts (an intervention's `generate` continues its own documents)
+        gen = cfg.generate if isinstance(cfg, ExtractConfig) else None
         return cls(spec, cfg.model, cfg.revision, cfg.trust_remote_code, cfg.context_length,
-                   cfg.packing, cfg.shard_tokens, append_tag, getattr(cfg, "span_field", None))
+                   cfg.packing, cfg.shard_tokens, append_tag, getattr(cfg, "span_field", None),
+                   gen.model_dump() if gen is not None else None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,7 +131,8 @@ def part_planner(part: Part, job: PartJob, tok: Any, special: SpecialIds) -> Par
     base = part.index << PART_SHIFT
     return PartPlanner(read_part(part, job.spec), tok, special, job.context_length, job.packing, job.shard_tokens,
                        doc_base=base, seq_base=base, part=part.index,
-                       name=lambda pos, _seq: layout.shard_id(part.index, pos), drop_field=job.span_field)
+                       name=lambda pos, _seq: layout.shard_id(part.index, pos), drop_field=job.span_field,
+                       generate=GenerateSettings(**job.generate) if job.generate is not None else None)
 
 
 def part_rows(part: Part, job: PartJob, tok: Any, special: SpecialIds, fs: Any, root: str,
@@ -131,7 +142,8 @@ def part_rows(part: Part, job: PartJob, tok: Any, special: SpecialIds, fs: Any, 
     planner = part_planner(part, job, tok, special)
     held: dict[str, Any] | None = None
     for pos, plan in enumerate(planner):
-        row = _append_row(plan, pos, expected, job, fs, root) if job.append_tag else _extract_row(plan, pos, fs, root)
+        row = (_append_row(plan, pos, expected, job, fs, root) if job.append_tag
+               else _extract_row(plan, pos, fs, root, job.generate is not None))
         if held is not None:
             yield held
         held = row  # the last row waits for the end of the part: it carries the part's summary
@@ -158,10 +170,15 @@ def _drop_beyond(fs: Any, root: str, part: int, n_shards: int) -> None:
             fs.rm(path, recursive=True)
 
 
-def _extract_row(plan: ShardPlan, pos: int, fs: Any, root: str) -> dict[str, Any]:
+def _extract_row(plan: ShardPlan, pos: int, fs: Any, root: str, generated: bool = False) -> dict[str, Any]:
     """`done` for a shard an earlier attempt committed from the same input, else `run` (stale debris removed)."""
     if storage.with_retries(lambda: is_committed(fs, root, plan.shard_id), f"checking shard {plan.shard_id}"):
         info = storage.with_retries(lambda: read_commit(fs, root, plan.shard_id), f"reading shard {plan.shard_id}")
+        if generated:  # its rows hold responses the plan does not know: compare the prompts' rows
+            if (info.part, info.seq_start) == (plan.part, plan.seq_start) and _same_prompts(fs, root, plan):
+                return plan_row(plan, "done", info.model_dump_json(), pos)
+            fs.rm(shard_path(root, plan.shard_id), recursive=True)
+            return plan_row(plan, "run", "", pos)
         same = (info.part, info.seq_start, info.token_start, info.n_tokens) == (
             plan.part, plan.seq_start, plan.token_start, plan.n_tokens)
         if same and info.tokens_sha256 == tokens_sha256(plan.tokens_table()):
@@ -169,6 +186,19 @@ def _extract_row(plan: ShardPlan, pos: int, fs: Any, root: str) -> dict[str, Any
         # written from other input (this part changed before it was finished): not part of any store yet
         fs.rm(shard_path(root, plan.shard_id), recursive=True)
     return plan_row(plan, "run", "", pos)
+
+
+def _same_prompts(fs: Any, root: str, plan: ShardPlan) -> bool:
+    """Whether a committed generated shard's prompt rows are the plan's (same ids, documents, spans)."""
+    path = storage.join(shard_path(root, plan.shard_id), layout.TOKENS)
+    raw = storage.with_retries(lambda: fs.cat_file(path), f"reading {path}")
+    stored = pq.read_table(pa.BufferReader(raw))
+    if "response" not in stored.column_names:
+        return False
+    prompts = stored.filter(pc.invert(stored.column("response"))).drop_columns(["response"])
+    want = plan.tokens_table()
+    return prompts.column_names == want.column_names and all(
+        np.array_equal(prompts.column(c).to_numpy(), want.column(c).to_numpy()) for c in want.column_names)
 
 
 def _append_row(plan: ShardPlan, pos: int, expected: list[dict] | None, job: PartJob, fs: Any,
@@ -201,8 +231,12 @@ class ShardWorker:
     """Holds the model runner (built when the first shard needs it) and the writer threads of one worker."""
 
     def __init__(self, make_runner: Callable[[], ModelRunner], opts: TaskOptions, fs: Any, root: str,
-                 append_tag: str | None = None, writer_threads: int = 1) -> None:
+                 append_tag: str | None = None, writer_threads: int = 1,
+                 generate: tuple[GenerateSettings, Callable[[], Any]] | None = None) -> None:
         self._make_runner, self.opts, self.fs, self.root, self.append_tag = make_runner, opts, fs, root, append_tag
+        # generate: (settings, tokenizer loader): shards hold prompts, answered here before their forward
+        self.generate = generate
+        self._tok: Any = None
         self._runner: ModelRunner | None = None
         self._model_lock = threading.Lock()  # one forward at a time: the runner's hooks hold per-call state
         self.pool = ThreadPoolExecutor(writer_threads, thread_name_prefix="actstore-write") \
@@ -219,7 +253,15 @@ class ShardWorker:
             return None
         plan = decode_plan(row)
         with self._model_lock:
-            return forward_plan(self.runner(), plan, self.opts)
+            if self.generate is None:
+                return forward_plan(self.runner(), plan, self.opts)
+            settings, load_tok = self.generate
+            if self._tok is None:
+                self._tok = load_tok()
+            plan, responses = respond(self.runner(), self._tok, plan, settings, self.opts.batch_size)
+            fwd = forward_plan(self.runner(), plan, self.opts)
+            fwd.responses = responses
+            return fwd
 
     def finish(self, row: dict[str, Any], fwd: Forwarded | None) -> dict[str, Any]:
         """Write and commit a forwarded shard; returns the result row for the driver's bookkeeping."""

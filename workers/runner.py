@@ -92,15 +92,18 @@ class ModelRunner:
         trust_remote_code: bool = False,
         pad_id: int = 0,
         outputs_topk: int | None = None,
+        causal_lm: bool = False,
     ) -> None:
         self.device = resolve_device(device)
         self.outputs_topk = outputs_topk  # None: no per-token outputs (and early exit allowed)
         self.outputs: dict[str, np.ndarray] = {}  # per-token outputs of the last captured batch
+        causal_lm = causal_lm or outputs_topk is not None  # generation and per-token outputs need the LM head
         lm = model if isinstance(model, nn.Module) else self._load(
-            model, revision, model_dtype, trust_remote_code, causal_lm=outputs_topk is not None)
+            model, revision, model_dtype, trust_remote_code, causal_lm=causal_lm)
         # Hooks live on the base model; with outputs the forward runs through the LM wrapper to get logits.
         self.lm = lm.to(self.device).eval()
-        self.model = lm.base_model if outputs_topk is not None else lm
+        self.model = lm.base_model if causal_lm else lm
+        self._capturing = False  # hooks record (and may stop the forward) only inside `capture`, not `generate`
         self.specs: list[HookSpec] = parse_hooks(hooks)
         hookmap.check_hooks(self.specs, self.model.config)
         self.pad_id = pad_id
@@ -133,6 +136,8 @@ class ModelRunner:
         name = spec.name
 
         def keep(t: torch.Tensor) -> None:
+            if not self._capturing:
+                return
             # Index with the padding mask right away: this copies just the stored rows, so later in-place
             # updates of the same tensor inside the model cannot change what we captured.
             self._captured[name] = t[self._mask] if self._mask is not None else t.reshape(-1, t.shape[-1]).clone()
@@ -159,7 +164,8 @@ class ModelRunner:
             return []  # nothing after the last block worth skipping
 
         def stop(mod: nn.Module, args: tuple, out: Any) -> None:
-            raise _StopForward
+            if self._capturing:
+                raise _StopForward
 
         self.deepest_block = deepest
         return [blocks[deepest].register_forward_hook(stop)]
@@ -176,16 +182,40 @@ class ModelRunner:
         mask = None
         if min(lengths) != width:  # right padding; without padding pass no mask so fast kernels are used
             mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(self.device)
-        self._mask, self._captured = mask, {}
+        self._mask, self._captured, self._capturing = mask, {}, True
+        # without per-token outputs the base model suffices: no LM head over every position
+        fwd = self.lm if self.outputs_topk is not None else self.model
         try:
-            out = self.lm(input_ids=ids, attention_mask=mask.long() if mask is not None else None, use_cache=False)
+            out = fwd(input_ids=ids, attention_mask=mask.long() if mask is not None else None, use_cache=False)
             if self.outputs_topk is not None:
                 self.outputs = token_outputs.from_logits(out.logits, ids, lengths, self.outputs_topk)
         except _StopForward:
             pass
         finally:
-            self._mask = None
+            self._mask, self._capturing = None, False
         return {s.name: self._captured[s.name] for s in self.specs}
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[np.ndarray], g: Any, eos: list[int], seed: int) -> list[np.ndarray]:
+        """`model.generate` over one batch of prompts (left-padded, with their attention mask and the KV cache):
+        the new token ids of each row, max_new_tokens of them (rows that ended early are padded after their EOS).
+        `g` holds the GenerateSettings; sampling draws from a forked RNG seeded with `seed`."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        kw: dict[str, Any] = dict(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, pad_token_id=self.pad_id,
+                                  eos_token_id=eos or None)
+        if g.do_sample:  # temperature and nucleus only (HF's default top_k=50 would be a hidden third filter)
+            kw.update(temperature=g.temperature, top_p=g.top_p, top_k=0)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = self.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+        new = out[:, width:].cpu().numpy().astype(np.int32)
+        return [row for row in new]
 
     def run(self, sequences: list[np.ndarray], dtype: str) -> dict[str, tuple[np.ndarray, int]]:
         """capture() and convert to the storage dtype: {hook: (stored rows, float16 overflow count)}."""

@@ -10,6 +10,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from actstore.schemas.manifest import ShardInfo
 from actstore.workers import token_outputs
@@ -39,6 +40,7 @@ class Forwarded:
     overflow: dict[str, int]
     specs: list[ArraySpec]
     outputs: dict[str, np.ndarray] | None = None
+    responses: pa.Table | None = None  # generate: one row per prompt (doc_id, response, finish_reason, ...)
 
 
 def forward_plan(runner: ModelRunner, plan: ShardPlan, opts: TaskOptions) -> Forwarded:
@@ -60,7 +62,7 @@ def write_forwarded(fwd: Forwarded, opts: TaskOptions, fs, root: str, pool: Exec
     outputs = token_outputs.to_table(fwd.outputs) if fwd.outputs is not None else None
     return with_retries(
         lambda: write_shard(fs, root, plan.shard_id, meta, tokens, fwd.arrays, fwd.specs, opts.compression,
-                            fwd.overflow, outputs, pool),
+                            fwd.overflow, outputs, pool, fwd.responses),
         f"writing shard {plan.shard_id}",
     )
 

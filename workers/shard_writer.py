@@ -98,11 +98,12 @@ def _map(pool: Executor | None, fn: Callable[[Any], Any], items: list) -> list:
 def write_shard(
     fs, root: str, shard_id: str, meta: dict, tokens: pa.Table, arrays: dict[str, np.ndarray],
     specs: list[ArraySpec], compression: str = "none", overflow: dict[str, int] | None = None,
-    outputs: pa.Table | None = None, pool: Executor | None = None,
+    outputs: pa.Table | None = None, pool: Executor | None = None, responses: pa.Table | None = None,
 ) -> ShardInfo:
     """Write and commit one shard; `meta` holds seq/token ranges. Returns the committed ShardInfo.
 
-    `outputs` (per-token model outputs, row-aligned with `tokens`) goes to outputs.parquet when given.
+    `outputs` (per-token model outputs, row-aligned with `tokens`) goes to outputs.parquet when given;
+    `responses` (generate: one row per prompt) to responses.parquet, joined into docs.parquet at commit.
     """
     final = shard_path(root, shard_id)
     work = storage.join(layout.tmp_dir(root), f"{shard_id}.{uuid.uuid4().hex[:12]}") if storage.is_local(fs) else final
@@ -117,6 +118,8 @@ def write_shard(
         out_bytes = _parquet_bytes(outputs)
         storage.put(fs, storage.join(work, layout.OUTPUTS), out_bytes)
         out_sha = hashlib.sha256(out_bytes).hexdigest()
+    if responses is not None:
+        storage.put(fs, storage.join(work, layout.RESPONSES), _parquet_bytes(responses))
     storage.put(fs, storage.join(work, layout.SHARD_STATS), _stats_bytes(tokens, arrays, specs, overflow or {}, pool))
     doc = tokens.column("doc_id").to_numpy()
     info = ShardInfo(

@@ -53,6 +53,7 @@ class Sequence:
     doc: np.ndarray  # int64 doc id per token
     special: np.ndarray  # bool per token
     chars: np.ndarray | None = None  # (n, 2) int32 character span per token in its document, -1 for specials
+    response: np.ndarray | None = None  # bool per token: generated (generate: stores only; None elsewhere)
 
 
 @dataclass
@@ -83,6 +84,8 @@ class ShardPlan:
         if lens and all(s.chars is not None for s in self.sequences):
             chars = cat("chars", np.int32).reshape(-1, 2)
             cols["char_start"], cols["char_end"] = pa.array(chars[:, 0]), pa.array(chars[:, 1])
+        if lens and all(s.response is not None for s in self.sequences):
+            cols["response"] = pa.array(cat("response", np.bool_))
         return pa.table(cols)
 
 
@@ -172,20 +175,22 @@ def v1_shard_id(position: int, seq_start: int) -> str:
 
 def plan_shards(sequences: Iterable[Sequence], shard_tokens: int,
                 name: Callable[[int, int], str] = v1_shard_id, seq_base: int = 0,
-                part: int | None = None) -> Iterator[ShardPlan]:
+                part: int | None = None, reserve: int = 0) -> Iterator[ShardPlan]:
     """Group consecutive sequences into shards of at most shard_tokens rows.
 
-    `name(position, first seq_id)` gives the shard id; sequence ids count from `seq_base`, rows from 0."""
+    `name(position, first seq_id)` gives the shard id; sequence ids count from `seq_base`, rows from 0.
+    `reserve`: rows each sequence may still grow by (generated responses), budgeted but not counted in rows."""
     cur: list[Sequence] = []
-    n_tok = tok_start = pos = 0
+    n_tok = tok_start = pos = budget = 0
     seq_start = seq_idx = seq_base
     for seq in sequences:
-        if cur and n_tok + len(seq.ids) > shard_tokens:
+        if cur and budget + len(seq.ids) + reserve > shard_tokens:
             yield ShardPlan(name(pos, seq_start), seq_start, tok_start, cur, part)
             tok_start += n_tok
-            cur, n_tok, seq_start, pos = [], 0, seq_idx, pos + 1
+            cur, n_tok, budget, seq_start, pos = [], 0, 0, seq_idx, pos + 1
         cur.append(seq)
         n_tok += len(seq.ids)
+        budget += len(seq.ids) + reserve
         seq_idx += 1
     if cur:
         yield ShardPlan(name(pos, seq_start), seq_start, tok_start, cur, part)

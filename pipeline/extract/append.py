@@ -95,6 +95,10 @@ def _complete_store(cfg: ExtractConfig, fs, root: str) -> Store:
     if not man.extract_config or not man.corpus or not man.shards:
         raise AppendError(f"{what}: the store at {cfg.output!r} was not written by `actstore extract` (no recorded "
                           "config, corpus or shards: e.g. from_arrays); only extracted stores can grow")
+    if man.extract_config.get("generate") is not None or cfg.generate is not None:
+        # hooks would have to be run over the stored responses, not new ones: not supported yet
+        raise AppendError(f"{what}: stores of generated responses (generate) cannot grow yet; extract again with "
+                          "every hook (or the new corpus) into a new output")
     return store
 
 

@@ -150,7 +150,11 @@ def finalize_parts(cfg: ExtractConfig, indices: list[int], model_cfg: Any, tok: 
         log.warning("metadata field %r has mixed types (%s); it is stored as strings", field, where)
     hooks = list(cfg.hooks)
     stats = merge_in_order([part_stats(fs, root, r["part"]["index"], hooks) for r in records if r["n_shards"]])
-    combine_docs(fs, root, indices)
+    responses = None
+    if cfg.generate is not None:  # each part's docs rows get the responses its shards generated
+        responses = {layout.part_file(root, r["part"]["index"], layout.PART_DOCS): [d["id"] for d in r["shards"]]
+                     for r in records}
+    combine_docs(fs, root, indices, responses=responses)
     write_stats(fs, root, stats)
     labels = None
     if spans is not None:

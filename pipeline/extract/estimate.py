@@ -67,6 +67,9 @@ def plan(config: ExtractConfig | dict | str | Path, gpus: int | None = None, cal
         raise ConfigError(f"gpus must be at least 1, got {gpus}")
     t0 = time.perf_counter()
     cfg = ExtractConfig.build(config, overrides)
+    if cfg.generate is not None:  # its rows and time depend on the responses, unknown before generating
+        raise ConfigError("actstore plan does not estimate runs with generate yet (rows and time depend on the "
+                          "responses); remove generate to estimate the prompts' part")
     fs, root = storage.get_fs(cfg.output, cfg.storage_options)
     if cfg.append is None:
         model_cfg, tok = preflight(cfg, fs, root)  # the run's own checks: hooks, context length, output state

@@ -19,7 +19,9 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
@@ -72,7 +74,12 @@ class PartTracker:
 
 def write_part(fs: Any, root: str, part: Part, summary: dict[str, Any], infos: list[ShardInfo],
                hooks: list[str]) -> None:
-    """Commit one finished part: its merged shard statistics, then its record (last)."""
+    """Commit one finished part: its merged shard statistics, then its record (last).
+
+    Row ranges are counted here from the shards' own row counts: a generated shard learns its length only when
+    its responses are, so its shard.json counts its rows from 0 (for every other shard this changes nothing)."""
+    infos = local_ranges(infos)
+    summary = {**summary, "n_tokens": sum(i.n_tokens for i in infos)}
     if infos:
         stats = merged_stats(fs, root, [i.id for i in infos], hooks)
         blob = stats_bytes(stats)
@@ -85,6 +92,15 @@ def write_part(fs: Any, root: str, part: Part, summary: dict[str, Any], infos: l
     path = layout.part_file(root, part.index, layout.PART_RECORD)
     storage.with_retries(lambda: storage.put_atomic(fs, path, json.dumps(record, indent=1).encode()),
                          f"writing {path}")
+
+
+def local_ranges(infos: list[ShardInfo]) -> list[ShardInfo]:
+    """Shard records with token ranges tiling the part from row 0, in shard order."""
+    out, pos = [], 0
+    for i in infos:
+        out.append(i.model_copy(update={"token_start": pos, "token_end": pos + i.n_tokens}))
+        pos += i.n_tokens
+    return out
 
 
 def stats_bytes(stats: dict[str, HookStats]) -> bytes:
@@ -211,23 +227,56 @@ def write_docs_pieces(sink: Any, schemas: list[pa.Schema], pieces: Callable[[], 
     return rows
 
 
-def combine_docs(fs: Any, root: str, indices: list[int], head: pa.Table | None = None) -> int:
+def combine_docs(fs: Any, root: str, indices: list[int], head: pa.Table | None = None,
+                 responses: dict[str, list[str]] | None = None) -> int:
     """docs.parquet of the store: `head` (rows already in the store, for append: tokens) then every part's docs
-    file in order, one file in memory at a time. Returns the number of documents."""
+    file in order, one file in memory at a time. `responses` (generate: docs file path -> its part's shard ids)
+    joins each part's responses in. Returns the number of documents."""
     paths = [layout.part_file(root, i, layout.PART_DOCS) for i in indices]
 
     def read(path: str) -> pa.Table:
-        return pq.read_table(pa.BufferReader(storage.with_retries(lambda: fs.cat_file(path), f"reading {path}")))
+        table = pq.read_table(pa.BufferReader(storage.with_retries(lambda: fs.cat_file(path), f"reading {path}")))
+        return table if responses is None else with_responses(fs, root, table, responses.get(path, []))
 
     def schema_of(path: str) -> pa.Schema:
         with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).schema_arrow
+            schema = pq.ParquetFile(f).schema_arrow
+        if responses is None or not len(schema):
+            return schema
+        return pa.schema([*schema, pa.field("response", pa.string()), pa.field("finish_reason", pa.string())])
 
     schemas = ([head.schema] if head is not None else []) + [schema_of(p) for p in paths]
     target = storage.join(root, layout.DOCS)
     with storage.open_atomic(fs, target) as sink:  # streamed to the store, never whole in memory
         n = write_docs_pieces(sink, schemas, lambda: _pieces(head, paths, read))
     return n
+
+
+def with_responses(fs: Any, root: str, docs: pa.Table, shard_ids: list[str]) -> pa.Table:
+    """A part's docs rows with `response` and `finish_reason` (null for documents with no prompt tokens) and
+    `n_tokens` counting the response rows too, from the part's shards' responses files."""
+    if not docs.num_rows:
+        return docs
+    pieces = []
+    for sid in shard_ids:
+        path = layout.shard_file(root, sid, layout.RESPONSES)
+        pieces.append(pq.read_table(pa.BufferReader(storage.with_retries(lambda p=path: fs.cat_file(p),
+                                                                         f"reading {path}"))))
+    resp = pa.concat_tables(pieces) if pieces else None
+    doc_ids = docs.column("doc_id")
+    if resp is None or not resp.num_rows:
+        idx = pa.nulls(docs.num_rows, pa.int32())
+    else:
+        idx = pc.index_in(doc_ids, value_set=resp.column("doc_id"))
+    text = resp.column("response").take(idx) if resp is not None and resp.num_rows else pa.nulls(docs.num_rows,
+                                                                                                    pa.string())
+    reason = resp.column("finish_reason").take(idx) if resp is not None and resp.num_rows else pa.nulls(
+        docs.num_rows, pa.string())
+    extra = (pc.fill_null(resp.column("n_response_tokens").take(idx), 0) if resp is not None and resp.num_rows
+             else pa.array(np.zeros(docs.num_rows, np.int64)))
+    n_tokens = pc.add(docs.column("n_tokens"), extra)
+    docs = docs.set_column(docs.schema.get_field_index("n_tokens"), "n_tokens", n_tokens)
+    return docs.append_column("response", text).append_column("finish_reason", reason)
 
 
 def _pieces(head: pa.Table | None, paths: list[str], read: Callable[[str], pa.Table]) -> Iterable[pa.Table]:

@@ -48,6 +48,8 @@ def check_model(cfg: ExtractConfig) -> Any:
         raise ConfigError(f"shard_tokens: {cfg.shard_tokens} is smaller than context_length {cfg.context_length}")
     if cfg.token_outputs is not None:
         check_causal(model_cfg, "token_outputs", "next-token loss needs one (remove token_outputs for this model)")
+    if cfg.generate is not None:
+        check_causal(model_cfg, "generate", "only a causal LM generates responses (remove generate for this model)")
     return model_cfg
 
 

@@ -60,5 +60,6 @@ def write_record_labels(fs: Any, root: str, name: str, shards: list[ShardInfo], 
     for s in shards:
         path = layout.shard_file(root, s.id, layout.TOKENS)
         raw = storage.with_retries(lambda p=path: fs.cat_file(p), f"reading {path}")
-        tables.append(pq.read_table(pa.BufferReader(raw), columns=cols))
+        table = pq.read_table(pa.BufferReader(raw))  # with `response` in generated stores: text spans skip those
+        tables.append(table.select(cols + (["response"] if "response" in table.column_names else [])))
     return write_table(fs, root, name, align(pa.concat_tables(tables), spans))

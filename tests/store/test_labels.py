@@ -130,7 +130,7 @@ BAD = {
                                    {"doc_id": 1, "start": 9, "end": 12, "label": "y"}], "overlap with different"),
     "unknown doc": ([{"doc_id": 99, "start": 0, "end": 1, "label": "x"}], "not in the store"),
     "response target": ([{"doc_id": 1, "start": 0, "end": 1, "label": "x", "target": "response"}],
-                        "generated responses are not supported yet"),
+                        "spans target generated responses, but the store .* has none"),
     "missing field": ([{"doc_id": 1, "start": 0, "label": "x"}], "lacks end"),
     "mixed label types": ([{"doc_id": 1, "start": 0, "end": 1, "label": "x"},
                            {"doc_id": 2, "start": 0, "end": 1, "label": 1}], "mix strings and integers"),

@@ -31,11 +31,15 @@ def make_runner(cfg: ExtractConfig, pad_id: int) -> ModelRunner:
     # append: hooks only adds arrays to committed shards, whose outputs (if any) are already stored
     wanted = cfg.token_outputs if cfg.append != "hooks" else None
     return ModelRunner(cfg.model, cfg.hooks, cfg.revision, cfg.model_dtype, cfg.device, cfg.trust_remote_code, pad_id,
-                       outputs_topk=wanted.topk if wanted is not None else None)
+                       outputs_topk=wanted.topk if wanted is not None else None, causal_lm=cfg.generate is not None)
 
 
 def make_worker(cfg: ExtractConfig, pad_id: int, fs: Any, root: str, append_tag: str | None) -> ShardWorker:
-    return ShardWorker(lambda: make_runner(cfg, pad_id), task_options(cfg), fs, root, append_tag, cfg.writer_threads)
+    gen = None
+    if cfg.generate is not None and append_tag is None:
+        gen = (cfg.generate, lambda: load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code))
+    return ShardWorker(lambda: make_runner(cfg, pad_id), task_options(cfg), fs, root, append_tag, cfg.writer_threads,
+                       gen)
 
 
 def forward(worker: ShardWorker, row: dict[str, Any]) -> Forwarded | None:
