@@ -85,7 +85,7 @@ _LAZY = {
     "UncertaintyResult": "actstore.pipeline.analysis.uncertainty",
     "UncertaintyJob": "actstore.schemas.jobs",
     "spectral_series": "actstore.pipeline.analysis.spectral_series",
-    "label": "actstore.pipeline.store.labels",
+    "label": "actstore.pipeline.extract.labels",
     "SpectralSeriesJob": "actstore.schemas.jobs",
 }
 # public name -> module exported as a whole (e.g. actstore.directions.mean_difference)

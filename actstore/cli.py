@@ -131,7 +131,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from actstore.pipeline.store.labels import label
+    from actstore.pipeline.extract.labels import label
 
     info = label(args.url, args.spans, args.name, overwrite=args.overwrite, storage_options=_storage_options(args))
     _print(info.model_dump() if args.json else f"wrote labels/{info.name}.parquet: {info.n_labelled} of "

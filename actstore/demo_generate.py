@@ -137,8 +137,8 @@ def run_generate_demo(out: str | Path, quick: bool = False, executor: str = "loc
     from actstore.pipeline.analysis.report import write_report
     from actstore.pipeline.analysis.spectral_series import spectral_series
     from actstore.pipeline.analysis.uncertainty import uncertainty
+    from actstore.pipeline.extract.labels import label
     from actstore.pipeline.extract.run import extract
-    from actstore.pipeline.store.labels import label
 
     out_dir = Path(out).resolve()
     t0 = time.time()

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actstore.pipeline.store.labels import LabelError, Span, align, check_spans, parse_span, write_table
+from actstore.pipeline.extract.labels import LabelError, Span, align, check_spans, parse_span, write_table
 from actstore.schemas import layout
 from actstore.schemas.errors import CorpusError
 from actstore.schemas.manifest import LabelInfo, ShardInfo

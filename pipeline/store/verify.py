@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from actstore.schemas import layout
 from actstore.workers import storage
@@ -41,8 +44,6 @@ def verify_store(store) -> VerifyReport:
         _check_tokens(store, info, rep)
         for h in store.manifest.hooks:
             _check_array(store, i, info, h, rep)
-    from actstore.pipeline.store.labels import verify_labels
-
     rep.problems.extend(verify_labels(store))
     return rep
 
@@ -89,3 +90,25 @@ def _check_array(store, i: int, info, h, rep: VerifyReport) -> None:
     rep.bytes_read += data.nbytes
     if sha256_array(data.astype(NUMPY_STORED[h.dtype], copy=False)) != info.arrays.get(h.name):
         rep.problems.append(f"shard {info.id}: array {h.name!r} checksum mismatch (stored bytes changed)")
+
+
+def verify_labels(store: Any) -> list[str]:
+    """Problems of the manifest's label tables: missing, checksum mismatch, or a row count unlike the store's."""
+    problems = []
+    for lab in getattr(store.manifest, "labels", None) or []:
+        path = layout.label_file(store.root, lab.name)
+        try:
+            raw = storage.with_retries(lambda p=path: store.fs.cat_file(p), f"reading {path}")
+        except (FileNotFoundError, OSError):
+            problems.append(f"label {lab.name}: {layout.LABELS}/{lab.name}.parquet is missing")
+            continue
+        if hashlib.sha256(raw).hexdigest() != lab.sha256:
+            problems.append(f"label {lab.name}: checksum mismatch")
+        try:
+            rows = pq.read_metadata(pa.BufferReader(raw)).num_rows
+        except (pa.ArrowInvalid, OSError):
+            problems.append(f"label {lab.name}: not a readable Parquet file")
+            continue
+        if rows != store.n_tokens or lab.n_rows != store.n_tokens:
+            problems.append(f"label {lab.name}: {rows} rows for {store.n_tokens} token rows")
+    return problems

@@ -9,7 +9,7 @@ carry the same label, so every token has at most one.
 
 Everything is checked before anything is written; then the table goes to a temporary name, is renamed into
 place (object stores replace on PUT), and the manifest -- rewritten atomically -- lists it with its row count
-and SHA-256, which `verify` checks. No other file of the store is touched.
+and SHA-256, which `verify` checks (`pipeline.store.verify`). No other file of the store is touched.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actstore.pipeline.store.store import Store, open_store
 from actstore.schemas import layout
 from actstore.schemas.errors import LabelError
 from actstore.schemas.manifest import LabelInfo, Manifest
@@ -57,8 +58,6 @@ def label(store_or_url: Any, spans: str | os.PathLike | Iterable[dict], name: st
     `overwrite`).
     Returns the manifest's record of the new table; a Store given is updated to the new manifest.
     """
-    from actstore.pipeline.store.store import Store, open_store
-
     # re-read the committed manifest even for a Store: an object opened before another label was added would
     # otherwise write back a manifest without it
     if isinstance(store_or_url, Store):
@@ -231,25 +230,3 @@ def write_table(fs: Any, root: str, name: str, column: pa.Array) -> LabelInfo:
     path = layout.label_file(root, name)
     storage.with_retries(lambda: storage.put_atomic(fs, path, raw), f"writing {path}")
     return info
-
-
-def verify_labels(store: Any) -> list[str]:
-    """Problems of the manifest's label tables: missing, checksum mismatch, or a row count unlike the store's."""
-    problems = []
-    for lab in getattr(store.manifest, "labels", None) or []:
-        path = layout.label_file(store.root, lab.name)
-        try:
-            raw = storage.with_retries(lambda p=path: store.fs.cat_file(p), f"reading {path}")
-        except (FileNotFoundError, OSError):
-            problems.append(f"label {lab.name}: {layout.LABELS}/{lab.name}.parquet is missing")
-            continue
-        if hashlib.sha256(raw).hexdigest() != lab.sha256:
-            problems.append(f"label {lab.name}: checksum mismatch")
-        try:
-            rows = pq.read_metadata(pa.BufferReader(raw)).num_rows
-        except (pa.ArrowInvalid, OSError):
-            problems.append(f"label {lab.name}: not a readable Parquet file")
-            continue
-        if rows != store.n_tokens or lab.n_rows != store.n_tokens:
-            problems.append(f"label {lab.name}: {rows} rows for {store.n_tokens} token rows")
-    return problems
