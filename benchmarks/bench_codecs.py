@@ -3,7 +3,8 @@
 Data: MiniLM-L6 activations of the pydoc corpus (6 x resid_post and blocks.2.mlp.hook_post, extracted with
 actstore and cached), stored as float32, float16 and bfloat16 (uint16 bits, as actstore stores it). Each codec
 writes the arrays with actstore's chunking (`chunk_rows`, ~4 MiB full-width chunks) to a local Zarr v3 store and
-reads them back. MB/s counts uncompressed bytes. In the same rounds a bare MiniLM forward (batch 16 x 128) runs,
+reads them back (`+crc32c`: followed by Zarr's checksum codec, as actstore writes every chunk, so the rows beside
+their plain twins give the checksum's cost). MB/s counts uncompressed bytes. In the same rounds a bare MiniLM forward (batch 16 x 128) runs,
 so the table can say what each codec's write would cost an extraction that writes 6 resid_post hooks in the
 given dtype: "extraction throughput if written inline" = t_fwd / (t_fwd + t_write) per token (ideal 1.00x).
 """
@@ -37,9 +38,11 @@ HOOKS = [f"blocks.{i}.hook_resid_post" for i in range(6)] + ["blocks.2.mlp.hook_
 
 
 def codecs() -> dict[str, Any]:
-    from zarr.codecs import BloscCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-    return {"none": None, "zstd-1": [ZstdCodec(level=1)], "zstd-3": [ZstdCodec(level=3)],
+    # "+crc32c": what actstore writes (the checksum codec last, so every read verifies the stored bytes)
+    return {"none": None, "none+crc32c": [Crc32cCodec()], "zstd-1": [ZstdCodec(level=1)],
+            "zstd-1+crc32c": [ZstdCodec(level=1), Crc32cCodec()], "zstd-3": [ZstdCodec(level=3)],
             "blosc-zstd-1-shuffle": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
             "blosc-zstd-5-shuffle": [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")]}
 
