@@ -180,10 +180,22 @@ def _record_doc(rec: Any, text_field: str, where: str, source: str) -> Document:
     if not isinstance(text, str):
         raise CorpusError(f"{where}: field {text_field!r} is a {type(text).__name__}, expected a string")
     meta = {k: v for k, v in rec.items() if k != text_field}
-    reserved = {"doc_id", "source", "n_tokens"} & set(meta)
+    reserved = {"doc_id", "source", "n_chars", "n_tokens"} & set(meta)
     if reserved:
         raise CorpusError(f"{where}: metadata field {sorted(reserved)[0]!r} is reserved by actstore; rename it")
     return Document(text, source, meta, where)
+
+
+GENERATED_FIELDS = ("response", "finish_reason")  # docs.parquet columns that generation writes
+
+
+def check_generated_fields(doc: Document) -> None:
+    """With `generate`, a prompt record must not carry the docs columns generation writes (a dataset's reference
+    answer in `response`, say): one line naming the field, before its prompt is generated."""
+    clash = [f for f in GENERATED_FIELDS if f in doc.meta]
+    if clash:
+        raise CorpusError(f"{doc.where}: metadata field {clash[0]!r} is where generate stores the model's output; "
+                          f"rename it in the corpus (e.g. reference_{clash[0]})")
 
 
 class MetadataTypes:

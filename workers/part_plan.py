@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from actstore.schemas.errors import CorpusError
 from actstore.schemas.generate import GenerateSettings
-from actstore.workers.corpus import Document, MetadataTypes, doc_digest
+from actstore.workers.corpus import Document, MetadataTypes, check_generated_fields, doc_digest
 from actstore.workers.prompts import prompt_encodings
 from actstore.workers.tokenize import (
     Encoded,
@@ -88,6 +88,8 @@ class PartPlanner:
             lists = (prompt_encodings(self.tok, texts, self.generate, self.context_length) if self.generate
                      else tokenize_batch(self.tok, texts, add_special, max_length))
             for doc, toks in zip(batch, lists):
+                if self.generate:
+                    check_generated_fields(doc)
                 doc_id = self.doc_base + self.n_docs
                 doc_digest(self._hash, doc)
                 if self.drop_field is not None:

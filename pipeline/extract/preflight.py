@@ -13,6 +13,7 @@ from actstore.schemas.config import ConfigError, ExtractConfig
 from actstore.schemas.errors import ModelLoadError
 from actstore.schemas.hooks import parse_hooks
 from actstore.workers import hookmap
+from actstore.workers.corpus import check_generated_fields, iter_documents
 from actstore.workers.families import is_causal_lm
 from actstore.workers.runner import load_config, load_tokenizer, max_context
 
@@ -23,6 +24,11 @@ def preflight(cfg: ExtractConfig, fs: Any, root: str) -> tuple[Any, Any]:
     check_output(fs, root, cfg.output, cfg.config_hash(), overwrite=cfg.overwrite)
     tok = load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     check_vocab(tok, model_cfg, cfg.model)
+    if cfg.generate is not None:  # the first record shows a clash with generate's columns before any weight loads
+        first = next(iter_documents(cfg.corpus, cfg.text_field, cfg.split, cfg.storage_options, 1, cfg.extensions),
+                     None)
+        if first is not None:
+            check_generated_fields(first)
     return model_cfg, tok
 
 

@@ -250,6 +250,20 @@ def test_bad_settings_refused_before_work(tmp_path, tiny_lm, kw, match):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("field", ["response", "finish_reason"])
+def test_prompt_fields_generate_writes_are_refused(tmp_path, tiny_lm, field):
+    """A prompt record carrying `response` (a dataset's reference answer) would collide with the generated column:
+    refused in one line, naming the record, before anything is written; a later record is caught at planning."""
+    from actstore.schemas.errors import CorpusError
+
+    with pytest.raises(CorpusError, match=f"list\\[0\\].*'{field}'.*reference_{field}"):
+        _gen(tiny_lm("gpt2"), tmp_path / "s", corpus=[{"text": PROMPTS[0], field: "x"}])
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(CorpusError, match=f"list\\[1\\].*'{field}'"):
+        _gen(tiny_lm("gpt2"), tmp_path / "t", corpus=[{"text": PROMPTS[0]}, {"text": PROMPTS[1], field: "x"}])
+    assert not list((tmp_path / "t").glob("shards/*/shard.json"))  # no shard committed
+
+
 def test_encoder_model_refused_before_work(tmp_path, tiny):
     with pytest.raises(ConfigError, match="not a causal language model"):
         _gen(tiny("bert"), tmp_path / "s")
