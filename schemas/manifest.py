@@ -13,6 +13,7 @@ and shipped as package data, so any JSON Schema validator can check a manifest w
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -213,6 +214,18 @@ class Manifest(_Model):
         if data.get("labels") is None:
             data.pop("labels", None)  # a store without labels keeps the manifest older readers know
         return (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
+
+
+def identity_sha256(raw: bytes) -> str:
+    """The store's identity as results record it (`store_manifest_sha256`): the SHA-256 of manifest.json as
+    committed, leaving out the `labels` list, so that labels added later (`actstore label`, which rewrites the
+    manifest and nothing else) do not make the results made before them look like another store's. A store without
+    labels: exactly the SHA-256 of its manifest.json bytes."""
+    data = json.loads(raw)
+    if not isinstance(data, dict) or "labels" not in data:
+        return hashlib.sha256(raw).hexdigest()
+    data.pop("labels")
+    return hashlib.sha256((json.dumps(data, indent=2, sort_keys=False) + "\n").encode()).hexdigest()
 
 
 def parse_manifest(raw: bytes, where: str = layout.MANIFEST) -> Manifest:

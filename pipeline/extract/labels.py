@@ -77,8 +77,7 @@ def label(store_or_url: Any, spans: str | os.PathLike | Iterable[dict], name: st
     column = align(tokens.select(cols), parsed)
     info, manifest = _commit(store, name, column)
     if isinstance(store_or_url, Store):  # the caller's object sees the new label (shards are unchanged)
-        store_or_url.manifest = manifest
-        store_or_url.manifest_sha256 = hashlib.sha256(manifest.to_json()).hexdigest()
+        store_or_url.manifest = manifest.model_copy(update={"shards": store.manifest.shards})
     return info
 
 
@@ -213,7 +212,9 @@ def _check_name(store: Any, name: str, overwrite: bool) -> None:
 def _commit(store: Any, name: str, column: pa.Array) -> tuple[LabelInfo, Manifest]:
     info = write_table(store.fs, store.root, name, column)
     kept = [lab for lab in store.manifest.labels or [] if lab.name != name]
-    manifest = Manifest.model_validate({**store.manifest.model_dump(), "labels": [*kept, info]})
+    # a store whose shard list lives in its Parquet index keeps it there (open_store filled it in for reading)
+    shards = [] if store.manifest.shard_index is not None else store.manifest.shards
+    manifest = Manifest.model_validate({**store.manifest.model_dump(), "shards": shards, "labels": [*kept, info]})
     mpath = layout.join(store.root, layout.MANIFEST)
     storage.with_retries(lambda: storage.put_atomic(store.fs, mpath, manifest.to_json()), "writing manifest.json")
     return info, manifest

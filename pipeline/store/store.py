@@ -21,7 +21,14 @@ from actstore.pipeline.store.raw_chunks import RawChunkArray
 from actstore.pipeline.store.read_methods import ConsumersMixin
 from actstore.schemas import layout
 from actstore.schemas.errors import StoreError  # noqa: F401  (defined with its siblings; raised here)
-from actstore.schemas.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, ShardInfo, parse_manifest
+from actstore.schemas.manifest import (
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    identity_sha256,
+    parse_manifest,
+)
 from actstore.workers import storage
 from actstore.workers.dtypes import NUMPY_STORED, decode, decoded_dtype
 from actstore.workers.shard_writer import read_shard_stats
@@ -124,7 +131,7 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None) -> Store
         raise ManifestError(str(e)) from None
     if manifest.shard_index is not None:
         manifest.shards = _indexed_shards(fs, root, url, manifest)
-    return Store(url, manifest, fs, root, storage_options, hashlib.sha256(raw).hexdigest())
+    return Store(url, manifest, fs, root, storage_options, identity_sha256(raw))
 
 
 def _indexed_shards(fs, root: str, url: str, manifest: Manifest) -> list[ShardInfo]:
@@ -153,8 +160,9 @@ class Store(ConsumersMixin):
                  manifest_sha256: str | None = None) -> None:
         self.url, self.manifest, self.fs, self.root = url, manifest, fs, root
         self._storage_options = storage_options or {}
-        self.manifest_sha256 = manifest_sha256 or hashlib.sha256(manifest.to_json()).hexdigest()
-        """SHA-256 of manifest.json as stored: the store's identity, recorded by every result made from it."""
+        self.manifest_sha256 = manifest_sha256 or identity_sha256(manifest.to_json())
+        """SHA-256 of manifest.json as committed, without its `labels` list (`identity_sha256`): the store's
+        identity, recorded by every result made from it and unchanged by `actstore label`."""
 
     def __repr__(self) -> str:
         return f"Store({self.url!r}, hooks={self.hooks}, n_tokens={self.n_tokens}, shards={len(self.manifest.shards)})"

@@ -18,6 +18,7 @@ import pytest
 import actstore
 from actstore.cli import main
 from actstore.schemas.errors import LabelError
+from actstore.schemas.manifest import identity_sha256
 from tests.support import corpus_texts, extract_local
 
 HOOK = "blocks.0.hook_resid_post"
@@ -88,9 +89,10 @@ def test_labels_match_the_oracle_and_verify(packed, tmp_path, docs):
 def test_unpacked_bert_and_integer_labels(tiny, tmp_path, docs):
     store = extract_local(tiny("bert"), tmp_path / "s", [HOOK], docs, packing=False)
     spans = [{"doc_id": d, "start": 3, "end": 20, "label": d % 2} for d in range(4)]
+    before = store.manifest_sha256
     actstore.label(store, spans, "parity")
     table = store.labels("parity")  # the Store object sees the label it was given
-    assert store.manifest_sha256 == hashlib.sha256((tmp_path / "s" / "manifest.json").read_bytes()).hexdigest()
+    assert store.manifest_sha256 == before == identity_sha256((tmp_path / "s" / "manifest.json").read_bytes())
     assert str(table.schema.field("label").type) == "int64"
     assert table.column("label").to_pylist() == _oracle(store.tokens().to_pydict(), spans)
 
@@ -204,3 +206,28 @@ def test_multistore_view_concatenates_labels(packed, tmp_path, docs):
     assert got == want and len(got) == view.tokens().num_rows and "b" in got and "yes" in got
     with pytest.raises(StoreError, match=f"missing in {c}"):
         open_stores([str(a), str(c)]).labels("truth")
+
+
+def test_labels_keep_the_store_identity_results_record(tiny, tmp_path, docs, monkeypatch):
+    """`actstore label` rewrites only the manifest's labels list: the identity results record is unchanged, a
+    spectrum saved before labelling is still this store's in the report, and a store whose shard list lives in the
+    Parquet index keeps it there."""
+    from actstore.pipeline.analysis.report import scan_results
+    from actstore.pipeline.analysis.spectra import save_spectrum, spectrum
+    from actstore.pipeline.extract import commit
+
+    monkeypatch.setattr(commit, "INDEX_MIN_SHARDS", 2)
+    root = tmp_path / "s"
+    store = extract_local(tiny("gpt2"), root, [HOOK], docs, packing=True, shard_tokens=64)
+    raw = json.loads((root / "manifest.json").read_text())
+    assert raw["shards"] == [] and raw["shard_index"] is not None
+    before = store.manifest_sha256
+    assert before == hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    save_spectrum(spectrum(store, HOOK), str(tmp_path / "res" / "spectrum.json"), HOOK, store)
+    actstore.label(str(root), _spans(docs), "truth")
+    labelled = actstore.open_store(str(root))
+    raw = json.loads((root / "manifest.json").read_text())
+    assert raw["shards"] == [] and [lab["name"] for lab in raw["labels"]] == ["truth"]
+    assert labelled.manifest_sha256 == before and labelled.labels("truth").num_rows == labelled.n_tokens
+    assert HOOK in scan_results(tmp_path / "res", labelled.manifest_sha256).spectra
+    assert labelled.verify().ok
