@@ -562,7 +562,7 @@ def _add_demo(add: Callable[..., argparse.ArgumentParser]) -> None:
     d.add_argument("--generate", action="store_true",
                    help="instead: hallucination detection on generated answers (a small GPT-2 trained on sums in "
                         "seconds, answers labelled correct/incorrect by rule; token probes, uncertainty, spectral "
-                        "series; about 2 minutes on 2 cores)")
+                        "series; about a minute on 2 cores)")
     d.set_defaults(fn=_demo)
 
 

@@ -141,6 +141,10 @@ def run_generate_demo(out: str | Path, quick: bool = False, executor: str = "loc
     from actstore.pipeline.extract.run import extract
 
     out_dir = Path(out).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        from actstore.schemas.errors import OutputError
+
+        raise OutputError(f"--out {out!r} is a file; the demo writes a folder (give a new or existing folder)")
     t0 = time.time()
     prompts = sum_prompts(300 if quick else 1000)
     model_dir = train_adder(out_dir / "adder-model", steps=ADDER_STEPS,
@@ -152,7 +156,7 @@ def run_generate_demo(out: str | Path, quick: bool = False, executor: str = "loc
                      "batch_size": 64, "shard_tokens": 8192, "executor": executor,
                      "output": str(out_dir / "answers-store"), "progress": False})
     spans, correct = answer_spans(store)
-    label(store, spans, "answer")
+    label(store, spans, "answer", overwrite=True)  # a rerun into the same folder relabels the same answers
     share = sum(correct.values()) / len(correct)
     print(f"[demo] generated {len(correct)} answers ({share:.0%} correct by string match), "
           f"{store.n_tokens:,} token rows -> {store.url}")

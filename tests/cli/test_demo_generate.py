@@ -68,3 +68,11 @@ def test_scores_and_report(demo):
     assert np.isfinite(summary["spectral_auroc"])
     html = (out / "generate-report.html").read_text()
     assert 'id="probes"' in html and 'id="spectral-series"' in html and "doc_auroc" in html
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    f = tmp_path / "f"
+    f.write_text("mine")
+    assert main(["demo", "--generate", "--quick", "--out", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err and f.read_text() == "mine"
