@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from actstore.pipeline.analysis.results import Output, check_writable, provenance
-from actstore.pipeline.analysis.sae import METRICS_FILE, _open, _out_lease, eval_model, split_row
+from actstore.pipeline.analysis.sae import (
+    METRICS_FILE,
+    _open,
+    _out_lease,
+    check_eval_model,
+    eval_model,
+    split_row,
+)
 from actstore.pipeline.store.loader import ActivationLoader
 from actstore.schemas.errors import AnalysisError, ConfigError
 from actstore.schemas.jobs import CLT_OUTPUT_KIND, CLTJob
@@ -77,6 +84,7 @@ def check_clt_job(store: Any, job: CLTJob) -> tuple[list[int], CLTConfig]:
     """Every check that needs only the manifest, before any cluster starts or any row is read."""
     layers = clt_layers(store, job)
     cfg = clt_config(store, job, layers)
+    check_eval_model(store, job)
     if job.out:
         check_writable(job.out, job.storage_options, "output")
     rows = int(store.n_tokens * (1 - job.eval_fraction))

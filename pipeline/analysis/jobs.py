@@ -34,12 +34,13 @@ def check_hooks(store: Any, hooks: list[str]) -> None:
 
 def check_sae_job(store: Any, job: SAEJob | TranscoderJob) -> None:
     """Hooks, widths, output and the number of passes over the store, before any cluster starts."""
-    from actstore.pipeline.analysis.sae import sae_config
+    from actstore.pipeline.analysis.sae import check_eval_model, sae_config
     from actstore.pipeline.analysis.sae_sweep import point_jobs
 
     if not job.out:
         raise ConfigError("out: give an output folder or URL (--out DIR, or out: in the YAML config)")
     check_hooks(store, job.hooks)
+    check_eval_model(store, job)
     check_writable(job.out, job.storage_options, "output")
     for _, point in point_jobs(job):
         sae_config(store, point)  # k, expansion and widths fit

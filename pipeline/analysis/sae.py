@@ -73,6 +73,7 @@ def fit(job: SAEJob | TranscoderJob, store: Any = None, progress: Any = None,
         stop: threading.Event | None = None) -> TrainResult:
     """Train, evaluate and (with `job.out`) save one SAE or transcoder; returns the TrainResult."""
     store = _open(store, job)
+    check_eval_model(store, job)
     if isinstance(job, SAEJob):
         job = with_default_hook(store, job)
     if isinstance(job, SAEJob) and (len(job.hooks) != 1 or job.sweep):
@@ -121,6 +122,28 @@ def _evaluate(store: Any, job: SAEJob | TranscoderJob, res: TrainResult, cut: in
     res.metrics.update(evaluate(res.sae, batches))
     res.metrics["eval_tokens_from_row"] = cut
     _spliced_metrics(store, job, res, cut)
+
+
+def check_eval_model(store: Any, job: Any) -> None:
+    """A `model` given for CE/KL scores must be of the store's family and shape (type, layers, width), or the
+    spliced scores would measure another network: refused in one line before training, from its config alone."""
+    man = store.manifest
+    if not job.model or job.n_eval_seqs <= 0 or man.model is None:
+        return
+    from actstore.workers.families import n_layers_of
+    from actstore.workers.runner import load_config
+
+    try:
+        cfg = load_config(job.model, None)
+    except Exception:  # noqa: BLE001 -- an unloadable model is reported (skipped) where it is loaded, after training
+        return
+    theirs = (getattr(cfg, "model_type", None), n_layers_of(cfg),
+              getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None))
+    ours = (man.model.model_type, man.model.n_layers, man.model.d_model)
+    if any(a is not None and b is not None and a != b for a, b in zip(theirs, ours)):
+        raise ConfigError(f"model: {job.model!r} is a {theirs[0]} of {theirs[1]} layers of width {theirs[2]}, but "
+                          f"the store was extracted from {man.model.id!r} (a {ours[0]} of {ours[1]} layers of width "
+                          f"{ours[2]}); give that model for CE/KL scores, or n_eval_seqs: 0 to skip them")
 
 
 def eval_model(store: Any, job: Any, res: TrainResult, cut: int) -> tuple[Any, list[np.ndarray]] | None:

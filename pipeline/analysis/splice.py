@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actstore.schemas.errors import HookNameError
 from actstore.schemas.hooks import parse_hook
 from actstore.workers import hookmap
 from actstore.workers.sae.metrics import ce_kl_scores
@@ -63,12 +64,15 @@ def splice_scores(model: nn.Module, sequences: list[np.ndarray], hook: str | lis
         raise ValueError(f"splice_scores: {len(hooks)} hooks need as many replace functions (got {len(fns)}) "
                          f"and input hooks (got {None if ins is None else len(ins)})")
     base = model.base_model
-    targets = [hookmap.resolve(base, parse_hook(h))[:2] for h in hooks]
+    targets = _resolved(base, hooks)
+    inputs = _resolved(base, ins) if ins is not None else []
     captured: dict[int, torch.Tensor] = {}
-    grabs = [_capture(base, h, i, captured) for i, h in enumerate(ins)] if ins is not None else []
     spliced = [_spliced_fn(fn, i, captured if ins is not None else None) for i, fn in enumerate(fns)]
     sums = {"clean": 0.0, "recon": 0.0, "zero": 0.0, "kl_recon": 0.0, "kl_zero": 0.0}
-    try:
+    grabs: list[Any] = []
+    try:  # every hook registered here is removed again, whatever fails
+        for i, (module, where) in enumerate(inputs):
+            grabs.append(_capture(module, where, i, captured))
         with torch.no_grad():
             for seq in sequences:
                 ids = torch.as_tensor(seq, dtype=torch.long)[None]
@@ -88,9 +92,19 @@ def splice_scores(model: nn.Module, sequences: list[np.ndarray], hook: str | lis
     return ce_kl_scores(m["clean"], m["recon"], m["zero"], m["kl_recon"], m["kl_zero"])
 
 
-def _capture(base: nn.Module, hook: str, i: int, captured: dict[int, torch.Tensor]) -> Any:
-    """Record input hook `hook`'s tensor of the running forward pass as captured[i]; returns the handle."""
-    module, where, _ = hookmap.resolve(base, parse_hook(hook))
+def _resolved(base: Any, hooks: list[str]) -> list[tuple[nn.Module, str]]:
+    """(module, "in"|"out") of each hook, all resolved before any is registered; a hook the model lacks (a model
+    other than the store's, with fewer layers) is one HookNameError."""
+    try:
+        return [tuple(hookmap.resolve(base, parse_hook(h))[:2]) for h in hooks]  # type: ignore[misc]
+    except (IndexError, AttributeError, KeyError) as e:
+        raise HookNameError(f"splice: the model has no module for one of {', '.join(hooks)} ({e}); score with "
+                            "the model the store was extracted from") from None
+
+
+def _capture(module: nn.Module, where: str, i: int, captured: dict[int, torch.Tensor]) -> Any:
+    """Record the input hook's tensor (at `module`, "in" or "out") of the running forward pass as captured[i];
+    returns the handle."""
     if where == "in":
         return module.register_forward_pre_hook(
             lambda m, a, kw: captured.__setitem__(i, a[0] if a else kw["hidden_states"]), with_kwargs=True)

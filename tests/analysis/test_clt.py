@@ -193,6 +193,12 @@ def test_replacement_metrics_on_an_extracted_store(tiny, tmp_path):
     res = actstore.train_clt(store, expansion=2, k=4, training_tokens=2048, batch_size=128, n_eval_seqs=2,
                              eval_fraction=0.25, norm_estimation_tokens=256)
     assert res.metrics["layers"] == [0, 1, 2] and np.isfinite(res.metrics["ce_loss_score"])
+    other = tmp_path / "other"  # a model of another shape: its spliced scores would measure another network
+    T.GPT2Config(n_layer=5, n_embd=32, n_head=4, vocab_size=400).save_pretrained(other)
+    with pytest.raises(ConfigError, match="5 layers of width 32.*3 layers"):
+        actstore.train_clt(store, expansion=2, k=4, training_tokens=2048, batch_size=128, model=str(other),
+                           eval_fraction=0.25, out_dir=str(tmp_path / "clt"))
+    assert not (tmp_path / "clt").exists()
     assert np.isfinite(res.metrics["kl_score"])
 
 
@@ -311,3 +317,18 @@ def test_clt_export_refusals_and_topk_note(tmp_path):
         actstore.export_transcoders([whole, partial], str(tmp_path / "b"))
     info = actstore.export_transcoders([whole], str(tmp_path / "c"))
     assert "ReLU" in info["notes"][0]
+
+
+def test_splice_with_a_hook_the_model_lacks_leaves_no_hook_behind(relu_lm):
+    """A model with fewer layers than the hooks name: one HookNameError, and no hook stays on the model."""
+    from actstore.schemas.errors import HookNameError
+
+    clt = CrossLayerTranscoder(CLTConfig(d_model=16, n_layers=3, expansion=2, architecture="relu"), seed=3).eval()
+    modules = list(relu_lm.modules())
+    count = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)  # noqa: E731
+    before = count()
+    with pytest.raises(HookNameError, match="blocks.9.hook_mlp_in"):
+        replacement_scores(relu_lm, _seqs(), clt, [HOOKS_IN[0], "blocks.9.hook_mlp_in", HOOKS_IN[2]], HOOKS_OUT)
+    assert count() == before
+    m = replacement_scores(relu_lm, _seqs(), clt, HOOKS_IN, HOOKS_OUT)  # the model still scores as before
+    assert np.isfinite(m["kl_div_with_sae"])
