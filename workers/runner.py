@@ -211,9 +211,17 @@ class ModelRunner:
         if g.do_sample:  # temperature and nucleus only (HF's default top_k=50 would be a hidden third filter)
             kw.update(temperature=g.temperature, top_p=g.top_p, top_k=0)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            out = self.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+        from transformers import GenerationConfig
+
+        # Decoding is what the config says and nothing else: a model folder's generation_config.json (repetition
+        # penalty, top_k, min_p, ...) would otherwise fill every setting not passed here, unrecorded.
+        shipped, self.lm.generation_config = self.lm.generation_config, GenerationConfig()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                out = self.lm.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kw)
+        finally:
+            self.lm.generation_config = shipped
         new = out[:, width:].cpu().numpy().astype(np.int32)
         return [row for row in new]
 

@@ -101,6 +101,27 @@ def _save_with_eos(src: str, dst: Path, eos: int) -> str:
     return str(dst)
 
 
+def test_a_shipped_generation_config_does_not_change_decoding(tmp_path, tiny_lm):
+    """A model folder whose generation_config.json asks for a repetition penalty and no repeated tokens decodes
+    exactly as the same weights without it: only the extract config's settings decide."""
+    base = tiny_lm("gpt2")
+    lm = T.AutoModelForCausalLM.from_pretrained(base)
+    lm.generation_config.repetition_penalty, lm.generation_config.no_repeat_ngram_size = 5.0, 1
+    lm.save_pretrained(tmp_path / "shipped")
+    T.AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "shipped")
+    plain = _gen(base, tmp_path / "a", corpus=PROMPTS[:3])
+    shipped = _gen(str(tmp_path / "shipped"), tmp_path / "b", corpus=PROMPTS[:3])
+    assert shipped.docs().column("response").to_pylist() == plain.docs().column("response").to_pylist()
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path / "shipped")  # the shipped config really bites in HF
+    tok = T.AutoTokenizer.from_pretrained(base)
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"][:30]])
+    with torch.no_grad():
+        a = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.eos_token_id)
+        b = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.eos_token_id,
+                        repetition_penalty=1.0, no_repeat_ngram_size=0)
+    assert not torch.equal(a, b)
+
+
 def test_finish_reasons_eos_stop_length(tmp_path, tiny_lm):
     base = tiny_lm("gpt2")
     tok = T.AutoTokenizer.from_pretrained(base)
