@@ -26,7 +26,8 @@ def prompt_encodings(tok: Any, texts: list[str], g: GenerateSettings, context_le
     else:
         wrapped = [_templated(tok, t) for t in texts]
         encs = tokenize_batch(tok, wrapped, False)
-        encs = [_shift(e, w.find(t), len(t)) for e, w, t in zip(encs, wrapped, texts)]
+        head = _template_head(tok)
+        encs = [_shift(e, _text_offset(w, t, head), len(t)) for e, w, t in zip(encs, wrapped, texts)]
     return [_left_truncated(e, room, tok) for e in encs]
 
 
@@ -36,6 +37,24 @@ def _templated(tok: Any, text: str) -> str:
                           "template; set chat_template: false")
     return str(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                        add_generation_prompt=True))
+
+
+_MARKER = "\u27e6actstore-prompt\u27e7"  # text no prompt holds: where the template puts the user's message
+
+
+def _template_head(tok: Any) -> str:
+    """What the chat template writes before the user's message (system prompt, role tags)."""
+    rendered = _templated(tok, _MARKER)
+    at = rendered.find(_MARKER)
+    return rendered[:at] if at >= 0 else ""
+
+
+def _text_offset(wrapped: str, text: str, head: str) -> int:
+    """Where the record's text starts in its templated string: right after the template's head, checked (a
+    template that also quotes the text elsewhere, e.g. in its system prompt, must not move the spans), or -1 (no
+    spans) when the template altered the text."""
+    at = len(head)
+    return at if wrapped.startswith(head) and wrapped[at:at + len(text)] == text else -1
 
 
 def _shift(enc: Encoded, offset: int, n: int) -> Encoded:

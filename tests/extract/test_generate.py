@@ -180,12 +180,20 @@ def test_chat_template_wraps_the_prompt(tmp_path, tiny_lm):
         assert len(inside) < len(p)  # the template's own tokens have no span in the record's text
     with pytest.raises(actstore.CorpusError, match="no chat template"):
         _gen(src, tmp_path / "none", corpus=prompts, generate={"max_new_tokens": 4, "chat_template": True})
+    # a system prompt holding the prompt's own words: the spans still land on the user's message
+    tok.chat_template = "{% for m in messages %}System: be helpful\nUser: {{ m['content'] }}\n{% endfor %}Bot:"
+    tok.save_pretrained(path)
+    store = _gen(str(path), tmp_path / "sys", corpus=["helpful"], generate={"max_new_tokens": 4, "chat_template": True})
+    g = store.tokens().to_pandas()
+    p = g[~g.response].reset_index(drop=True)
+    inside = p[p.char_start >= 0]
+    assert "".join("helpful"[a:b] for a, b in zip(inside.char_start, inside.char_end)) == "helpful"
+    assert "User:" in tok.decode(p["token_id"].tolist()[:inside.index[0]])
 
 
 def test_sampling_is_seeded_and_reproducible(tmp_path, tiny_lm):
     gen = {"max_new_tokens": 10, "do_sample": True, "temperature": 2.0, "seed": 3}
     a = _gen(tiny_lm("gpt2"), tmp_path / "a", generate=gen)
-    b = _gen(tiny_lm("gpt2"), tmp_path / "b", generate=gen, batch_size=3)  # another batching: other draws
     c = _gen(tiny_lm("gpt2"), tmp_path / "c", generate=gen)
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "c")
     assert a.docs().equals(c.docs())
@@ -193,7 +201,7 @@ def test_sampling_is_seeded_and_reproducible(tmp_path, tiny_lm):
     assert d.docs().column("response").to_pylist() != a.docs().column("response").to_pylist()
     greedy = _gen(tiny_lm("gpt2"), tmp_path / "g")
     assert greedy.docs().column("response").to_pylist() != a.docs().column("response").to_pylist()
-    assert b.verify().ok
+    assert a.verify().ok
     assert a.manifest.extract_config["generate"] == GenerateSettings(**gen).model_dump()
 
 
