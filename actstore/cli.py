@@ -418,8 +418,9 @@ def _add_readers(add: Callable[..., argparse.ArgumentParser]) -> None:
         c.set_defaults(fn=fn)
     c = add("label", help="add token-aligned labels from character spans (labels/NAME.parquet)",
             description="Map character spans of documents onto the store's tokens: each line of FILE.jsonl is "
-            '{"doc_id": 3, "start": 10, "end": 25, "label": "false"} (character offsets into the document text; '
-            "target: text may be given). A token is labelled when its character span overlaps a span; the table "
+            '{"doc_id": 3, "start": 10, "end": 25, "label": "false"} (character offsets into the document text, '
+            'or with "target": "response" into the generated response of a store written with generate). A token '
+            "is labelled when its character span overlaps a span; the table "
             "has one row per token row (null where unlabelled) and is read by `train probe --label span:NAME`.")
     c.add_argument("url", help="store path or URL (file://, memory://, s3://)")
     c.add_argument("--spans", required=True, metavar="FILE.jsonl", help="span labels, one JSON object per line")

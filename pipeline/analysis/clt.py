@@ -53,12 +53,27 @@ def clt_layers(store: Any, job: CLTJob) -> list[int]:
     if missing:
         raise ConfigError(f"a cross-layer transcoder over layers {layers[0]}..{layers[-1]} needs {job.in_kind} and "
                           f"{CLT_OUTPUT_KIND} at every layer; the store lacks {', '.join(missing[:6])}"
-                          + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+                          + (f" and {len(missing) - 6} more" if len(missing) > 6 else "") + _layers_hint(store, job))
     widths = {h: store.manifest.hook(h).d for h in hooks_in + hooks_out}
     if len(set(widths.values())) != 1:
         raise ConfigError(f"a cross-layer transcoder needs one width at every layer's input and output; the "
                           f"store's hooks have widths {sorted(set(widths.values()))}")
     return layers
+
+
+def _layers_hint(store: Any, job: CLTJob) -> str:
+    """The longest run of consecutive layers that holds both hooks, as a --layers suggestion ("" if none)."""
+    stored = set(store.hooks)
+    numbers = {int(m.group(1)) for h in stored if (m := re.match(r"blocks\.(\d+)\.", h))}
+    both = sorted(n for n in numbers if {f"blocks.{n}.{job.in_kind}", f"blocks.{n}.{CLT_OUTPUT_KIND}"} <= stored)
+    runs: list[list[int]] = []
+    for layer in both:
+        if runs and runs[-1][-1] == layer - 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    best = max(runs, key=len, default=None)
+    return f"; both hooks are stored at layers {best[0]}..{best[-1]}: pass --layers \"{best}\"" if best else ""
 
 
 def _default_layers(store: Any, job: CLTJob) -> list[int]:

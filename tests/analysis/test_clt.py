@@ -226,6 +226,7 @@ def test_cli_refuses_a_store_without_every_layer(tmp_path, capsys):
     assert main(["train", "clt", "--store", store.url, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("actstore: error: ") and "blocks.0.hook_mlp_in" in err and "\n" not in err
+    assert 'pass --layers "[1]"' in err  # the layers that hold both hooks
     assert not (tmp_path / "o").exists()
 
 
