@@ -23,18 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    CACHE,
     Ctx,
     best_ratio,
     fmt_ratio,
     fmt_x,
     goal_status,
     interleave,
-    log,
     md_table,
     median_of,
-    minilm_path,
     per_round,
+    random_gpt2,
 )
 
 NAME = "generate"
@@ -50,22 +48,7 @@ def _sizes(quick: bool) -> dict[str, int]:
 
 def lm_path(layers: int, width: int) -> str:
     """A GPT-2-shaped causal LM (random weights, MiniLM's tokenizer), built once and cached."""
-    import torch
-    import transformers as T
-
-    path = CACHE / "models" / f"gpt2-lm-random-{layers}x{width}"
-    if (path / "config.json").exists() and (path / "tokenizer_config.json").exists():
-        return str(path)
-    log(f"building the random GPT-2-shaped causal LM in {path}")
-    tok = T.AutoTokenizer.from_pretrained(minilm_path())
-    cfg = T.GPT2Config(n_layer=layers, n_embd=width, n_head=max(4, width // 64), n_positions=1024,
-                       vocab_size=len(tok), bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
-    torch.manual_seed(0)
-    model = T.GPT2LMHeadModel(cfg)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return random_gpt2(f"gpt2-lm-random-{layers}x{width}", layers, width, max(4, width // 64), lm_head=True)
 
 
 def prompts(n: int, chars: int) -> list[str]:

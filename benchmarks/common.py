@@ -340,18 +340,24 @@ def gpt2_small_path() -> str:
     """A GPT-2-small-shaped model (12 layers, 768 wide, 12 heads) with random weights, built once and cached.
 
     It uses MiniLM's WordPiece tokenizer (vocab 30,522) so both models see the same token stream."""
+    return random_gpt2("gpt2-small-random", 12, 768, 12, lm_head=False)
+
+
+def random_gpt2(name: str, layers: int, width: int, heads: int, lm_head: bool) -> str:
+    """A GPT-2-shaped model with random weights (seed 0) and MiniLM's tokenizer, built once under the cache;
+    `lm_head`: a causal-LM checkpoint (for generation), else the base model."""
     import torch
     import transformers as T
 
-    path = CACHE / "models" / "gpt2-small-random"
+    path = CACHE / "models" / name
     if (path / "config.json").exists() and (path / "tokenizer_config.json").exists():
         return str(path)
-    log(f"building the GPT-2-small-shaped random model in {path}")
+    log(f"building the random GPT-2-shaped model {name} in {path}")
     tok = T.AutoTokenizer.from_pretrained(minilm_path())
-    cfg = T.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=len(tok),
+    cfg = T.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, n_positions=1024, vocab_size=len(tok),
                        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
     torch.manual_seed(0)
-    model = T.GPT2Model(cfg)
+    model = T.GPT2LMHeadModel(cfg) if lm_head else T.GPT2Model(cfg)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
