@@ -85,12 +85,22 @@ class Lease:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             cur = self._current()  # someone created it since we looked
-            if cur and self._alive(cur):
-                raise LeaseError(f"output {self.url!r} was claimed by another {self.what} ({cur.get('owner')})") from None
+            # unreadable: its creator is between creating and writing it (a record left half-written by a crash
+            # counts as held until it is stale_after old, like any silent holder)
+            if (cur is None and self._age() < self.stale_after) or (cur is not None and self._alive(cur)):
+                owner = cur.get("owner") if cur else "being written"
+                raise LeaseError(f"output {self.url!r} was claimed by another {self.what} ({owner})") from None
             return False
         with os.fdopen(fd, "wb") as f:
             f.write(self._record())
         return True
+
+    def _age(self) -> float:
+        """Seconds since lease.json was last written (local disks; 0 when it cannot be told)."""
+        try:
+            return time.time() - os.path.getmtime(self.path)
+        except OSError:
+            return 0.0
 
     def _claim_by_overwrite(self) -> None:
         """Object stores and take-overs of a dead holder's lease: write, wait, and check we were the last writer."""
