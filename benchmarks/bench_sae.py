@@ -76,14 +76,15 @@ def dataset(d: int, quick: bool) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 # -------------------------------------------------------------------------------------------- variants
-def _cycle(x: np.ndarray):
+def cycle_batches(x: np.ndarray, batch: int = BATCH):
+    """Endless consecutive batches of `x` as torch tensors (the partial last batch left out)."""
     import torch
 
     t = torch.from_numpy(x)
-    n = x.shape[0] // BATCH
+    n = x.shape[0] // batch
     i = 0
     while True:
-        yield t[(i % n) * BATCH:(i % n + 1) * BATCH]
+        yield t[(i % n) * batch:(i % n + 1) * batch]
         i += 1
 
 
@@ -97,7 +98,7 @@ def ours_variant(train: np.ndarray, held: np.ndarray, tokens: int, threads: int,
     def run() -> dict[str, Any]:
         ends: list[float] = []
         t0 = time.perf_counter()
-        res = sae_train(_cycle(train), SAEConfig(d_in=train.shape[1], architecture="topk", expansion=EXPANSION, k=K),
+        res = sae_train(cycle_batches(train), SAEConfig(d_in=train.shape[1], architecture="topk", expansion=EXPANSION, k=K),
                         TrainConfig(batch_size=BATCH, training_tokens=tokens, threads=threads, log_every=1, seed=0,
                                     norm_estimation_tokens=norm_tokens),
                         progress=lambda info: ends.append(time.perf_counter()))

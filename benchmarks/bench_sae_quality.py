@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.bench_sae import Peer as SaePeer
+from benchmarks.bench_sae import cycle_batches
 from benchmarks.common import (
     CACHE,
     Ctx,
@@ -94,17 +95,6 @@ def real_data(d: int, quick: bool) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 # -------------------------------------------------------------------------------------------- trainers
-def _cycle(x: np.ndarray, batch: int):
-    import torch
-
-    t = torch.from_numpy(x)
-    n = x.shape[0] // batch
-    i = 0
-    while True:
-        yield t[(i % n) * batch:(i % n + 1) * batch]
-        i += 1
-
-
 def old_defaults(d_sae: int, tokens: int) -> dict[str, Any]:
     """TrainConfig / SAE overrides that reproduce the previous defaults."""
     return {"train": {"lr": OLD_DEFAULTS["lr_scale"] / (d_sae / 16384) ** 0.5,
@@ -123,7 +113,7 @@ def train_actstore(x: np.ndarray, tokens: int, threads: int, batch: int = BATCH,
     tcfg = TrainConfig(batch_size=batch, training_tokens=tokens, threads=threads, log_every=10**9, seed=0,
                        norm_estimation_tokens=min(norm_tokens, x.shape[0]), **(train_kw or {}))
     t0 = time.perf_counter()
-    res = train(_cycle(x, batch), cfg, tcfg)
+    res = train(cycle_batches(x, batch), cfg, tcfg)
     return res, time.perf_counter() - t0
 
 
