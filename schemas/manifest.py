@@ -221,6 +221,8 @@ def identity_sha256(raw: bytes) -> str:
     committed, leaving out the `labels` list, so that labels added later (`actstore label`, which rewrites the
     manifest and nothing else) do not make the results made before them look like another store's. A store without
     labels: exactly the SHA-256 of its manifest.json bytes."""
+    if b'"labels"' not in raw:  # the common case costs no second parse of a (possibly large) manifest
+        return hashlib.sha256(raw).hexdigest()
     data = json.loads(raw)
     if not isinstance(data, dict) or "labels" not in data:
         return hashlib.sha256(raw).hexdigest()
