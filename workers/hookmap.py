@@ -41,8 +41,10 @@ def module_paths(config: Any, limit: int = 12) -> tuple[str, int, list[str]] | N
     from transformers import AutoModel
 
     try:
+        from actstore.workers.model_build import build_model
+
         with torch.device("meta"):
-            model = AutoModel.from_config(config)
+            model = build_model(AutoModel.from_config, config)
     except Exception:  # remote code, composite configs, ...: the caller falls back to generic advice
         return None
     for path, mod in model.named_modules():

@@ -20,6 +20,7 @@ from actstore.schemas.errors import (
 from actstore.schemas.hooks import HookSpec, parse_hooks
 from actstore.workers import hookmap, token_outputs
 from actstore.workers.dtypes import TORCH_DTYPES, to_storage
+from actstore.workers.model_build import build_model
 
 
 class _StopForward(Exception):
@@ -122,8 +123,8 @@ class ModelRunner:
         hf_logging.disable_progress_bar()  # our own bar reports tokens; HF's per-file bars are noise here
         kw = dict(revision=revision, dtype=TORCH_DTYPES[model_dtype], trust_remote_code=trust_remote_code)
         if not causal_lm:
-            return AutoModel.from_pretrained(model, **kw)
-        lm, info = AutoModelForCausalLM.from_pretrained(model, output_loading_info=True, **kw)
+            return build_model(AutoModel.from_pretrained, model, **kw)
+        lm, info = build_model(AutoModelForCausalLM.from_pretrained, model, output_loading_info=True, **kw)
         # A checkpoint of the base model alone loads with a freshly *random* head: its "outputs" would be noise.
         head = [k for k in info.get("missing_keys", []) if not k.startswith(lm.base_model_prefix + ".")]
         if head and _tie_head(lm):
@@ -243,8 +244,9 @@ class ModelRunner:
 
 def _tie_head(lm: nn.Module) -> bool:
     """Whether the LM head of a checkpoint that ties it to the input embedding (config `tie_word_embeddings`, the
-    head not saved) is that embedding, tying it when loading left it apart. Observed in long test sessions:
-    transformers then reports the tied head among the missing keys although the checkpoint is complete."""
+    head not saved) is that embedding, tying it when loading left it apart. transformers leaves it apart (and
+    reports it missing) in a process where some other code built two models at once on different threads: see
+    `model_build`. Our own builds are serialized; this keeps a model loaded after someone else's race correct."""
     if not getattr(lm.config, "tie_word_embeddings", False):
         return False
     out, inp = lm.get_output_embeddings(), lm.get_input_embeddings()

@@ -138,4 +138,6 @@ def _kl(lp_p: torch.Tensor, lp_q: torch.Tensor) -> torch.Tensor:
 def load_causal_lm(path: str, revision: str | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, revision=revision).eval()
+    from actstore.workers.model_build import build_model
+
+    return build_model(AutoModelForCausalLM.from_pretrained, path, revision=revision).eval()
