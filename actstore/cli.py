@@ -463,7 +463,9 @@ def _add_spectra(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _add_train(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from actstore.cli_options import narrow_choices
     from actstore.schemas.jobs import CLTJob, ProbeJob, SAEJob, TranscoderJob
+    from actstore.schemas.sae import CLT_ARCHITECTURES
 
     t = add("train", help="train SAEs, transcoders, cross-layer transcoders or probes from a store as Dask jobs")
     tsub = t.add_subparsers(dest="what", required=True, metavar="WHAT", parser_class=_Parser)
@@ -471,10 +473,11 @@ def _add_train(add: Callable[..., argparse.ArgumentParser]) -> None:
                 "point)").set_defaults(fn=_train_sae)
     _job_parser(tsub.add_parser, "transcoder", TranscoderJob, "train transcoders from --in-hook to "
                 "--out-hook").set_defaults(fn=_train_sae)
-    _job_parser(tsub.add_parser, "clt", CLTJob, "train a cross-layer transcoder: every layer's MLP input encoded, "
-                "each feature decoded to its own and every later layer's MLP output (one Dask task)",
-                skip=CLT_REFUSED).set_defaults(
-        fn=_train_clt)
+    clt = _job_parser(tsub.add_parser, "clt", CLTJob, "train a cross-layer transcoder: every layer's MLP input "
+                      "encoded, each feature decoded to its own and every later layer's MLP output (one Dask task)",
+                      skip=CLT_REFUSED)
+    narrow_choices(clt, "sae.architecture", CLT_ARCHITECTURES, "the activations a cross-layer transcoder supports")
+    clt.set_defaults(fn=_train_clt)
     _job_parser(tsub.add_parser, "probe", ProbeJob, "probe a document label on every hook (one Dask task per "
                 "hook), or token-aligned span labels with --label span:NAME --pooling token").set_defaults(
         fn=_train_probe)

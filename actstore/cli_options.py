@@ -162,3 +162,16 @@ def parse_sweep(items: list[str]) -> dict[str, list[Any]]:
             raise ConfigError(f"--sweep {item!r}: expected key=v1,v2,... (e.g. k=32,64)")
         grid[key.strip()] = [yaml.safe_load(v) for v in vals.split(",")]
     return grid
+
+
+def narrow_choices(parser: argparse.ArgumentParser, path: str, choices: tuple[str, ...], why: str) -> None:
+    """Offer only `choices` for the flag of field `path` (a job that accepts a subset of a shared setting's values),
+    so --help and argparse's own error list what this job takes."""
+    dest = path.replace(".", "__")
+    for action in parser._actions:
+        if action.dest == dest:
+            action.choices = list(choices)
+            action.help = f"{' | '.join(choices)} ({why})"
+            return
+    raise KeyError(path)
+

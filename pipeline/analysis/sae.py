@@ -22,7 +22,7 @@ import numpy as np
 
 from actstore.pipeline.analysis.results import Output, provenance
 from actstore.pipeline.store.loader import ActivationLoader
-from actstore.schemas.errors import ConfigError
+from actstore.schemas.errors import ConfigError, ModelLoadError
 from actstore.schemas.jobs import SAEJob, TranscoderJob
 from actstore.schemas.sae import SAEConfig, SAESettings, TrainConfig
 from actstore.workers.families import MODEL_TYPES
@@ -135,8 +135,9 @@ def check_eval_model(store: Any, job: Any) -> None:
 
     try:
         cfg = load_config(job.model, None)
-    except Exception:  # noqa: BLE001 -- an unloadable model is reported (skipped) where it is loaded, after training
-        return
+    except ModelLoadError as e:  # given by the user for these scores: refused now, not found out after training
+        raise ConfigError(f"model: {e}; give the store's model for CE/KL scores, or n_eval_seqs: 0 to skip "
+                          "them") from None
     theirs = (getattr(cfg, "model_type", None), n_layers_of(cfg),
               getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None))
     ours = (man.model.model_type, man.model.n_layers, man.model.d_model)

@@ -199,6 +199,10 @@ def test_replacement_metrics_on_an_extracted_store(tiny, tmp_path):
         actstore.train_clt(store, expansion=2, k=4, training_tokens=2048, batch_size=128, model=str(other),
                            eval_fraction=0.25, out_dir=str(tmp_path / "clt"))
     assert not (tmp_path / "clt").exists()
+    with pytest.raises(ConfigError, match=r"model: model path .*nowhere.* does not exist.*n_eval_seqs: 0"):
+        actstore.train_clt(store, expansion=2, k=4, training_tokens=2048, batch_size=128,
+                           model=str(tmp_path / "nowhere"), eval_fraction=0.25, out_dir=str(tmp_path / "clt"))
+    assert not (tmp_path / "clt").exists()
     assert np.isfinite(res.metrics["kl_score"])
 
 
@@ -333,3 +337,15 @@ def test_splice_with_a_hook_the_model_lacks_leaves_no_hook_behind(relu_lm):
     assert count() == before
     m = replacement_scores(relu_lm, _seqs(), clt, HOOKS_IN, HOOKS_OUT)  # the model still scores as before
     assert np.isfinite(m["kl_div_with_sae"])
+
+
+def test_cli_train_clt_offers_only_its_architectures(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "clt", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "{topk,batchtopk,jumprelu,relu}" in text and "matryoshka_batchtopk" not in text
+    assert "--matryoshka-widths" not in text and "--skip" not in text
+    with pytest.raises(SystemExit) as e:
+        main(["train", "clt", "--architecture", "matryoshka_batchtopk"])
+    assert e.value.code == 2 and "invalid choice: 'matryoshka_batchtopk'" in capsys.readouterr().err
