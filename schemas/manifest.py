@@ -70,6 +70,9 @@ class ShardInfo(_Model):
     """SHA-256 of tokens.parquet as written."""
     outputs_sha256: str | None = None
     """SHA-256 of outputs.parquet (per-token model outputs) when the config asked for `token_outputs`."""
+    responses_sha256: str | None = None
+    """SHA-256 of responses.parquet (the generated responses of the shard's prompts) when the config has
+    `generate`."""
 
 
 class LabelInfo(_Model):

@@ -118,14 +118,17 @@ def write_shard(
         out_bytes = _parquet_bytes(outputs)
         storage.put(fs, storage.join(work, layout.OUTPUTS), out_bytes)
         out_sha = hashlib.sha256(out_bytes).hexdigest()
+    resp_sha = None
     if responses is not None:
-        storage.put(fs, storage.join(work, layout.RESPONSES), _parquet_bytes(responses))
+        resp_bytes = _parquet_bytes(responses)
+        storage.put(fs, storage.join(work, layout.RESPONSES), resp_bytes)
+        resp_sha = hashlib.sha256(resp_bytes).hexdigest()
     storage.put(fs, storage.join(work, layout.SHARD_STATS), _stats_bytes(tokens, arrays, specs, overflow or {}, pool))
     doc = tokens.column("doc_id").to_numpy()
     info = ShardInfo(
         id=shard_id, n_tokens=tokens.num_rows, arrays=sums, tokens_sha256=hashlib.sha256(tok_bytes).hexdigest(),
         doc_start=int(doc.min()) if doc.size else -1, doc_end=int(doc.max()) if doc.size else -1,
-        outputs_sha256=out_sha, **meta,
+        outputs_sha256=out_sha, responses_sha256=resp_sha, **meta,
     )
     _commit(fs, work, final, info)
     return info

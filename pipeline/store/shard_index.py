@@ -21,7 +21,10 @@ INDEX_MIN_SHARDS = 4096
 ARRAY_PREFIX = "arrays."
 _FIELDS = {"id": pa.string(), "part": pa.int64(), "seq_start": pa.int64(), "seq_end": pa.int64(),
            "token_start": pa.int64(), "token_end": pa.int64(), "doc_start": pa.int64(), "doc_end": pa.int64(),
-           "n_tokens": pa.int64(), "tokens_sha256": pa.string(), "outputs_sha256": pa.string()}
+           "n_tokens": pa.int64(), "tokens_sha256": pa.string(), "outputs_sha256": pa.string(),
+           "responses_sha256": pa.string()}
+# Columns added after the first v2 stores were written: an index without one reads it as null.
+_LATER = ("responses_sha256",)
 
 
 def index_bytes(shards: list[ShardInfo], hooks: list[str]) -> bytes:
@@ -42,6 +45,8 @@ def read_index(raw: bytes, where: str) -> list[ShardInfo]:
         raise ManifestError(f"{where} is not a readable shard index: {e}") from None
     data = table.to_pydict()
     hooks = [c[len(ARRAY_PREFIX):] for c in table.column_names if c.startswith(ARRAY_PREFIX)]
+    for name in _LATER:
+        data.setdefault(name, [None] * table.num_rows)
     if set(_FIELDS) - set(data):
         raise ManifestError(f"{where} lacks the columns {sorted(set(_FIELDS) - set(data))}")
     cols = [data[k] for k in _FIELDS]

@@ -63,6 +63,8 @@ def _check_tokens(store, info, rep: VerifyReport) -> None:
     _check_file(store, info, layout.TOKENS, info.tokens_sha256, rep)
     if info.outputs_sha256 is not None:
         _check_file(store, info, layout.OUTPUTS, info.outputs_sha256, rep)
+    if info.responses_sha256 is not None:
+        _check_file(store, info, layout.RESPONSES, info.responses_sha256, rep)
 
 
 def _check_file(store, info, name: str, sha256: str, rep: VerifyReport) -> None:

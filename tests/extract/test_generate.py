@@ -91,6 +91,10 @@ def test_response_char_spans_index_the_response(tmp_path, tiny_lm):
         assert (r["char_start"].to_numpy()[1:] == r["char_end"].to_numpy()[:-1]).all()  # they tile the text
         p = g[~g.response & (g.char_start >= 0)]
         assert p["char_end"].max() <= docs.loc[doc_id, "n_chars"]  # prompt spans index the record's text
+    assert store.verify().ok and all(s.responses_sha256 for s in store.manifest.shards)
+    f = tmp_path / "s" / "shards" / store.manifest.shards[0].id / "responses.parquet"
+    f.write_bytes(f.read_bytes()[:-9] + b"x" * 9)
+    assert any("responses.parquet checksum mismatch" in p for p in store.verify().problems)
 
 
 def _save_with_eos(src: str, dst: Path, eos: int) -> str:
