@@ -270,8 +270,10 @@ class ShardWorker:
             info = json.dumps(append_forwarded(fwd, self.opts, self.fs, self.root, self.append_tag, self.pool))
         elif fwd is not None:
             info = write_forwarded(fwd, self.opts, self.fs, self.root, self.pool).model_dump_json()
+        # Rows written: a generated shard's plan grew by its responses in `forward`.
+        ran = fwd.plan.n_tokens if fwd is not None else row["n_tokens"]
         return {"part": row["part"], "pos": row["pos"], "shard_id": row["shard_id"], "state": row["state"],
-                "info": info, "summary": row["summary"], "n_tokens": row["n_tokens"] if row["state"] == "run" else 0,
+                "info": info, "summary": row["summary"], "n_tokens": ran if row["state"] == "run" else 0,
                 "done_tokens": row["n_tokens"] if row["state"] == "done" else 0}
 
     def process(self, row: dict[str, Any]) -> dict[str, Any]:

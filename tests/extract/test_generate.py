@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,13 @@ def test_response_char_spans_index_the_response(tmp_path, tiny_lm):
     f = tmp_path / "s" / "shards" / store.manifest.shards[0].id / "responses.parquet"
     f.write_bytes(f.read_bytes()[:-9] + b"x" * 9)
     assert any("responses.parquet checksum mismatch" in p for p in store.verify().problems)
+
+
+def test_progress_counts_prompt_and_response_rows(tmp_path, tiny_lm, capfd):
+    store = _gen(tiny_lm("gpt2"), tmp_path / "s", progress=True)
+    counts = [int(n) for n in re.findall(r"(\d+)tok(?!/)", capfd.readouterr().err)]
+    assert counts and max(counts) == store.n_tokens > int((~store.tokens().column("response").to_numpy(
+        zero_copy_only=False)).sum())
 
 
 def _save_with_eos(src: str, dst: Path, eos: int) -> str:
