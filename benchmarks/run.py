@@ -39,7 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchmarks.common import RESULTS, CpuMeter, Ctx, env_block, log, machine, versions  # noqa: E402
 
 MODULES = ["extract", "peers_extract", "reads", "codecs", "sae", "sae_quality", "spectra", "scaling", "plan",
-           "encode", "spectral_series", "driver", "generate", "open"]
+           "encode", "spectral_series", "driver", "generate", "open", "ray_e2e",
+           "latency"]
 MD_PATH = ROOT / "BENCHMARKS.md"
 
 HEADER = """# Benchmarks
