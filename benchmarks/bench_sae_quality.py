@@ -16,7 +16,7 @@ Three tables, each a ratio or a score measured in one run on this machine:
    children, low-rank correlations, orthogonalised dictionary, magnitudes ~4-5 with spread), 2^20 samples;
    SAEs of width 1,024 with k 8. actstore (TopK and BatchTopK, defaults, exported and loaded into SAELens),
    SAELens's recommended synthetic recipe (BatchTopK, lr 3e-4, batch 1024, 1,000-step dead window) and
-   SAELens's trainer given actstore's schedule and dead window, all scored by SAELens's
+   SAELens's trainer given actstore's schedule, Adam betas and dead window, all scored by SAELens's
    `eval_sae_on_synthetic_data` (MCC, F1, explained variance, dead latents) on the same fresh samples.
 3. **Planted dictionary at exact width** (full mode): d 64, 256 unit-norm features, 4 active per token with
    magnitudes in [0.5, 2], an SAE of exactly 256 latents with k 4, 3M tokens: the fraction of features some
@@ -59,7 +59,8 @@ GOAL_TIME = 0.6  # actstore's time to sparsify's final FVU, as a fraction of spa
 FRACTIONS = (0.25, 0.5, 1.0)
 LR_SWEEP = (0.5, 2.0)
 # The defaults before issue 19, to show what the retuning changed.
-OLD_DEFAULTS = {"lr_scale": 2e-4, "aux_k_coefficient": 1 / 32, "dead_divisor": 20}
+OLD_DEFAULTS = {"lr_scale": 2e-4, "aux_k_coefficient": 1 / 32, "dead_divisor": 20, "adam_beta1": 0.9,
+                "adam_beta2": 0.999}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -97,7 +98,8 @@ def real_data(d: int, quick: bool) -> tuple[np.ndarray, np.ndarray, str]:
 # -------------------------------------------------------------------------------------------- trainers
 def old_defaults(d_sae: int, tokens: int) -> dict[str, Any]:
     """TrainConfig / SAE overrides that reproduce the previous defaults."""
-    return {"train": {"lr": OLD_DEFAULTS["lr_scale"] / (d_sae / 16384) ** 0.5,
+    return {"train": {"lr": OLD_DEFAULTS["lr_scale"] / (d_sae / 16384) ** 0.5, "adam_beta1": OLD_DEFAULTS["adam_beta1"],
+                      "adam_beta2": OLD_DEFAULTS["adam_beta2"],
                       "dead_window_tokens": max(BATCH, min(10_000_000, tokens // OLD_DEFAULTS["dead_divisor"]))},
             "sae": {"aux_k_coefficient": OLD_DEFAULTS["aux_k_coefficient"]}}
 
@@ -304,11 +306,12 @@ def synthetic(ctx: Ctx, peers_ok: bool) -> dict[str, Any]:
         ref = TrainConfig(batch_size=SYN_BATCH_SAELENS, training_tokens=n)
         ours_lr = ref.resolved_lr(SYN_FEATURES)
         schedule = {"lr": ours_lr, "lr_end": ours_lr, "warmup_steps": ref.resolved_warmup(),
-                    "decay_steps": int(steps * ref.decay_fraction),
+                    "decay_steps": int(steps * ref.decay_fraction), "adam_beta1": ref.adam_beta1,
+                    "adam_beta2": ref.adam_beta2,
                     "dead_window": max(1, ref.resolved_dead_window(SYN_FEATURES, SYN_K) // SYN_BATCH_SAELENS)}
         common = {"tokens": n, "batch": SYN_BATCH_SAELENS, "k": SYN_K, "d_sae": SYN_FEATURES, "arch": "batchtopk"}
         for name, extra in (("SAELens BatchTopK, recommended recipe", {}),
-                            ("SAELens BatchTopK, actstore's schedule + dead window", schedule)):
+                            ("SAELens BatchTopK, actstore's schedule, betas + dead window", schedule)):
             variants.append(_scored_peer(sl, name, model, n_eval, ctx.tmp, {**common, **extra}))
     try:
         res = interleave(variants, 1, ctx.extra.get("meter"))

@@ -87,8 +87,8 @@ def run_sparsify(x: torch.Tensor, held: torch.Tensor, cmd: dict) -> dict:
 
 def run_saelens(x: torch.Tensor, held: torch.Tensor, cmd: dict) -> dict:
     """SAETrainer on a TopK (default) or BatchTopK SAE. Optional schedule fields in `cmd`: lr, lr_end,
-    warmup_steps, decay_steps, dead_window (steps), aux (AuxK coefficient); `save_dir` writes the trained SAE
-    in SAELens' inference format (for scoring elsewhere)."""
+    warmup_steps, decay_steps, dead_window (steps), aux (AuxK coefficient), adam_beta1, adam_beta2; `save_dir`
+    writes the trained SAE in SAELens' inference format (for scoring elsewhere)."""
     from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -106,7 +106,8 @@ def run_saelens(x: torch.Tensor, held: torch.Tensor, cmd: dict) -> dict:
     trainer = SAETrainer(SAETrainerConfig(
         total_training_samples=steps * b, train_batch_size_samples=b, device="cpu", lr=lr,
         lr_end=cmd.get("lr_end", lr / 10), lr_warm_up_steps=cmd.get("warmup_steps", 0),
-        lr_decay_steps=cmd.get("decay_steps", 0), dead_feature_window=cmd.get("dead_window", 1000)),
+        lr_decay_steps=cmd.get("decay_steps", 0), dead_feature_window=cmd.get("dead_window", 1000),
+        adam_beta1=cmd.get("adam_beta1", 0.9), adam_beta2=cmd.get("adam_beta2", 0.999)),
         sae, batches(x, b, starts))
     t0 = time.perf_counter()
     sae = trainer.fit()
