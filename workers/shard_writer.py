@@ -109,24 +109,15 @@ def write_shard(
     work = storage.join(layout.tmp_dir(root), f"{shard_id}.{uuid.uuid4().hex[:12]}") if storage.is_local(fs) else final
     if fs.exists(final) and not is_committed(fs, root, shard_id) and work == final:
         fs.rm(final, recursive=True)  # debris of an interrupted attempt on an object store
-    tok_bytes = _parquet_bytes(tokens)
     fs.makedirs(work, exist_ok=True)
-    storage.put(fs, storage.join(work, layout.TOKENS), tok_bytes)
+    tok_sha = _put_parquet(fs, work, layout.TOKENS, tokens)
     sums = _write_arrays(fs, work, arrays, specs, compression, pool)
-    out_sha = None
-    if outputs is not None:
-        out_bytes = _parquet_bytes(outputs)
-        storage.put(fs, storage.join(work, layout.OUTPUTS), out_bytes)
-        out_sha = hashlib.sha256(out_bytes).hexdigest()
-    resp_sha = None
-    if responses is not None:
-        resp_bytes = _parquet_bytes(responses)
-        storage.put(fs, storage.join(work, layout.RESPONSES), resp_bytes)
-        resp_sha = hashlib.sha256(resp_bytes).hexdigest()
+    out_sha = _put_parquet(fs, work, layout.OUTPUTS, outputs) if outputs is not None else None
+    resp_sha = _put_parquet(fs, work, layout.RESPONSES, responses) if responses is not None else None
     storage.put(fs, storage.join(work, layout.SHARD_STATS), _stats_bytes(tokens, arrays, specs, overflow or {}, pool))
     doc = tokens.column("doc_id").to_numpy()
     info = ShardInfo(
-        id=shard_id, n_tokens=tokens.num_rows, arrays=sums, tokens_sha256=hashlib.sha256(tok_bytes).hexdigest(),
+        id=shard_id, n_tokens=tokens.num_rows, arrays=sums, tokens_sha256=tok_sha,
         doc_start=int(doc.min()) if doc.size else -1, doc_end=int(doc.max()) if doc.size else -1,
         outputs_sha256=out_sha, responses_sha256=resp_sha, **meta,
     )
@@ -151,6 +142,13 @@ def _commit(fs, work: str, final: str, info: ShardInfo) -> None:
         if not os.path.exists(os.path.join(final, layout.SHARD_RECORD)):
             raise
         fs.rm(work, recursive=True)  # lost a race against an identical duplicate
+
+
+def _put_parquet(fs, work: str, name: str, table: pa.Table) -> str:
+    """Write `table` as the shard file `name`; returns the SHA-256 of the bytes written (for the commit record)."""
+    raw = _parquet_bytes(table)
+    storage.put(fs, storage.join(work, name), raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
