@@ -17,6 +17,7 @@ far above that of independent columns (measured on MiniLM with 4,096-row blocks:
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -27,8 +28,9 @@ PRECISIONS = ("float32", "float64")
 _BLOCK_ROWS = 8192  # rows per float64 product: bounds the temporary copy of a large incoming block
 # Rows per float32 product. With a float32 (not float16-grid) shift the products' rounding errors are unbiased
 # and average out: every eigenvalue stays ~1e-8 of the largest from 1,024 to 43,690-row blocks (BENCHMARKS.md
-# section 7), so blocks are as long as the float64 ones; long blocks keep the SYRK near peak speed.
-_F32_BLOCK_ROWS = 8192
+# section 7); long blocks keep the SYRK near peak speed, and one block covers a whole Dask task of `spectrum`.
+_F32_BLOCK_ROWS = 16384
+_BLOCK_BYTES = 64 << 20  # ...capped so that a block's float32/float64 work array stays this small at large d
 
 
 def permute_columns(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -54,7 +56,8 @@ class CovarianceAccumulator:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.d = int(d)
         self.precision = precision
-        self.block_rows = int(block_rows or (_BLOCK_ROWS if precision == "float64" else _F32_BLOCK_ROWS))
+        rows, itemsize = (_BLOCK_ROWS, 8) if precision == "float64" else (_F32_BLOCK_ROWS, 4)
+        self.block_rows = int(block_rows or max(1024, min(rows, _BLOCK_BYTES // (itemsize * self.d))))
         self.n = 0
         self.shift = np.zeros(self.d)
         self.sum = np.zeros(self.d)
@@ -90,32 +93,27 @@ class CovarianceAccumulator:
 
     def _add_block(self, x: np.ndarray) -> None:
         y = self._shifted(x)
-        with np.errstate(invalid="ignore", over="ignore"):
-            s = y.sum(axis=0, dtype=np.float64)
+        if self.precision == "float32":
+            s, sq = _column_sums(y)
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                s = y.sum(axis=0, dtype=np.float64)
         if not np.all(np.isfinite(s)):  # an inf/nan would silently poison every later eigenvalue
             raise AnalysisError("block contains non-finite values")
         self.sum += s
         g = y.T @ y  # contiguous y: one SYRK
         self.sxx += g  # float32 products are widened here: blocks accumulate in float64
         if self.precision == "float32":
-            # The diagonal (the variances, which also standardise the correlation matrix) from float32 squares
-            # summed in float64: a float32 SYRK's long sums of same-sign squares drift (up to ~1e-6 relative on
-            # coarsely quantized float16 columns), and with independent columns λ_max is such a diagonal entry.
-            sq = np.add.reduce(np.square(y, out=self._buffer("sq", y.shape[0])), axis=0, dtype=np.float64)
+            # The diagonal (the variances, which also standardise the correlation matrix) from short float32
+            # sums of squares added in float64: a float32 SYRK's long sums of same-sign squares drift (up to
+            # ~1e-6 relative on coarsely quantized float16 columns), and with independent columns λ_max is such
+            # a diagonal entry.
             diag = np.diag_indices(self.d)
             self.sxx[diag] += sq - g[diag]
 
-    def _buffer(self, name: str, rows: int) -> np.ndarray:
-        """A reused (rows, d) work array: a fresh ~25 MB allocation per block costs page faults and zeroing."""
-        bufs = self.__dict__.setdefault("_bufs", {})
-        dtype = np.float32 if self.precision == "float32" else np.float64
-        if name not in bufs or bufs[name].shape[0] < rows:
-            bufs[name] = np.empty((rows, self.d), dtype)
-        return bufs[name][:rows]
-
     def _shifted(self, x: np.ndarray) -> np.ndarray:
         """x - shift in the products' dtype, in a reused buffer."""
-        y = self._buffer("y", x.shape[0])
+        y = _workspace(x.shape[0], self.d, np.float32 if self.precision == "float32" else np.float64)
         c = self.shift.astype(y.dtype)
         if x.dtype == np.float16 and y.dtype == np.float32:
             _half_minus(x, c, y)
@@ -175,6 +173,36 @@ class CovarianceAccumulator:
         acc.sum = np.asarray(state["sum"], np.float64).copy()
         acc.sxx = np.asarray(state["sxx"], np.float64).copy()
         return acc
+
+
+_GROUP = 8  # rows per float32 partial sum in `_column_sums`: longer sums of squares drift (64 rows: ~8e-7)
+_WORK = threading.local()
+
+
+def _workspace(rows: int, d: int, dtype: type) -> np.ndarray:
+    """A (rows, d) work array reused by every block this thread processes. A fresh ~30 MB array per block
+    costs its page faults (first touch of every page): measured at half the SYRK's own time per Dask task,
+    since each task builds a new accumulator. One array per thread (at most ~_BLOCK_BYTES with the default
+    block rows), grown to the largest block seen and kept for the thread's next pass."""
+    buf = getattr(_WORK, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.shape[1] != d or buf.shape[0] < rows:
+        _WORK.buf = None  # drop the old one before allocating its replacement
+        buf = _WORK.buf = np.empty((rows, d), dtype)
+    return buf[:rows]
+
+
+def _column_sums(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Σy, Σy²) per column of a float32 block, in float64. Float32 partial sums over groups of _GROUP rows
+    (vectorised, no float64 casting loop, no squared copy of the block), added in float64: ~4x faster than
+    `y.sum(dtype=float64)` and `(y * y).sum(dtype=float64)`, and the short float32 sums keep the squares'
+    relative error below ~1e-7 where a full-length float32 sum drifts to ~1e-6."""
+    whole = y.shape[0] - y.shape[0] % _GROUP
+    with np.errstate(invalid="ignore", over="ignore"):
+        g = y[:whole].reshape(-1, _GROUP, y.shape[1])
+        s = g.sum(axis=1).sum(axis=0, dtype=np.float64)
+        sq = np.einsum("gij,gij->gj", g, g).sum(axis=0, dtype=np.float64)
+        rest = y[whole:].astype(np.float64)
+        return s + rest.sum(axis=0), sq + np.square(rest).sum(axis=0)
 
 
 def _half_minus(x: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:

@@ -23,35 +23,63 @@ import numpy as np
 
 from actstore.schemas.errors import StoreError
 
+
+def _soft_fd_limit() -> int:
+    """This process's soft limit on open files."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return soft if soft != resource.RLIM_INFINITY else 1 << 16
+    except (ImportError, OSError, ValueError):  # no `resource` module (Windows)
+        return 256
+
+
 PLAIN_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}]
 CRC_CODECS = [*PLAIN_CODECS, {"name": "crc32c"}]
 # Open chunk maps shared by every reader: re-mapping a chunk per read (np.memmap: open, fstat, mmap) cost more
-# than copying a 4 MiB chunk out of the page cache. Bounded because each map keeps a file descriptor open.
-_MAX_MAPS = 64
+# than copying a 4 MiB chunk out of the page cache, and a fresh map faults its pages in one by one again (on a
+# full scan that doubled the time Dask's concatenation takes). Bounded because each map keeps a file
+# descriptor open and keeps a deleted chunk's disk space until it is evicted: a quarter of this process's soft
+# fd limit, between 64 and 256 maps (1 GiB of default 4 MiB chunks).
+_MAX_MAPS = max(64, min(256, _soft_fd_limit() // 4))
 _maps: OrderedDict[tuple, mmap.mmap] = OrderedDict()
 _maps_lock = threading.Lock()
+# Chunk files whose checksum passed, by (path, inode, size, mtime, ctime): a scan of a store larger than the map
+# cache re-maps every chunk, and re-checking each one then cost as much as the scan's copy itself. Any write
+# to a file (or a replacement of it) changes its key, so a changed chunk is checked again. Bounded: ~100 bytes
+# a key.
+_MAX_VERIFIED = 1 << 20
+_verified: OrderedDict[tuple, None] = OrderedDict()
 
 
 def _chunk_map(fname: str, checksum: bool = False) -> mmap.mmap | None:
-    """A read-only map of a chunk file (cached by path, inode, size and mtime), or None if it does not exist.
+    """A read-only map of a chunk file (cached by path, inode, size and times), or None if it does not exist.
 
-    With `checksum` the file's trailing CRC-32C is checked once per mapping (a changed file is a new mapping)."""
+    With `checksum` the file's trailing CRC-32C is checked once per version of the file (a changed file has a
+    new key)."""
     try:
         st = os.stat(fname)
     except FileNotFoundError:
         return None
-    key = (fname, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (fname, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _maps_lock:
         m = _maps.get(key)
         if m is not None:
             _maps.move_to_end(key)
             return m
+        checked = key in _verified
     with open(fname, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None
-    if checksum:
+    if checksum and not checked:
         check_crc(m, fname)
-    if m is not None:
-        with _maps_lock:
+    with _maps_lock:
+        if checksum:
+            _verified[key] = None
+            _verified.move_to_end(key)
+            while len(_verified) > _MAX_VERIFIED:
+                _verified.popitem(last=False)
+        if m is not None:
             _maps[key] = m
             while len(_maps) > _MAX_MAPS:
                 _maps.popitem(last=False)  # arrays still viewing an evicted map keep it alive

@@ -103,6 +103,31 @@ def test_ordinary_reads_detect_a_flipped_byte(tmp_path, tiny, texts, compression
     fresh.read_rows(HOOKS[1], 1, 0, 2)  # the other hook of the same shard is intact
 
 
+
+def test_checked_chunks_are_not_rechecked_until_they_change(tmp_path, monkeypatch):
+    """A scan larger than the map cache re-maps every chunk but checks each unchanged chunk's crc32c once; a
+    chunk rewritten after its check (new mtime/ctime) is checked again and its corruption reported."""
+    from actstore.pipeline.store import raw_chunks
+    from actstore.workers import shard_writer
+
+    monkeypatch.setattr(shard_writer, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(raw_chunks, "_MAX_MAPS", 2)  # far fewer maps than chunks: every scan re-maps
+    x = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
+    store = actstore.from_arrays({HOOKS[0]: x}, str(tmp_path / "s"), shard_tokens=600)
+    chunks = _chunk_files(tmp_path / "s", HOOKS[0])
+    assert len(chunks) > 4
+    checks: list[str] = []
+    real = raw_chunks.check_crc
+    monkeypatch.setattr(raw_chunks, "check_crc", lambda data, fname: (checks.append(fname), real(data, fname)))
+    for _ in range(3):
+        np.testing.assert_array_equal(store.activations(HOOKS[0]).compute(), x)
+    assert sorted(checks) == sorted(str(c) for c in chunks)  # each chunk once, over three scans
+    data = bytearray(chunks[2].read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunks[2].write_bytes(bytes(data))
+    with pytest.raises(actstore.StoreError, match="corrupt.*crc32c"):
+        store.activations(HOOKS[0]).compute()
+
 def test_shard_arrays_survive_pickling(f32_store):
     """A Dask scheduler unpickles task graphs holding shard arrays: the round trip reads the same values."""
     import pickle
