@@ -34,7 +34,7 @@ NAME = "driver"
 TITLE = "10. Driver scale: peak driver RSS and time to the first committed shard"
 HOOK = "blocks.1.hook_resid_post"
 SHARD_TOKENS = 65536
-FULL_SIZES = (1 << 20, 16 << 20)
+FULL_SIZES = (1 << 20, 16 << 20, 64 << 20)
 QUICK_SIZES = (1 << 18, 1 << 20)
 
 

@@ -115,6 +115,9 @@ CASES = [
     ("sae-bad-lr", ["train", "sae", "--lr", "fast"], "invalid _?nullable|invalid float"),
     ("sae-out-is-file", ["train", "sae", "--store", S, "--hook", HOOK, "--out", f"{B}/afile.txt"], "is a file"),
     ("sae-yaml-typo", ["train", "sae", f"{B}/typo.yaml"], "unknown config key 'trian' \\(did you mean 'train'"),
+    ("sae-store-as-config", ["train", "sae", S], "does not exist; .*to read the store at .*, pass --store"),
+    ("probe-url-as-config", ["train", "probe", "s3://bucket/store"], "pass --store s3://bucket/store"),
+    ("sae-missing-yaml", ["train", "sae", f"{B}/nope.yaml"], "config file '.*nope.yaml' does not exist$"),
     ("sae-missing-store", ["train", "sae", "--store", f"{B}/nothing", "--hook", HOOK, "--out", f"{B}/o"],
      "no actstore store"),
     # train transcoder
