@@ -241,10 +241,11 @@ def render(result: dict[str, Any]) -> str:
         "Eigenvalue error max |Δλ| / λ_max against a float64 two-pass reference of the same stored values:",
         _accuracy_table(result),
         "How: each task (16 MiB of stored rows) shifts its rows by one early mean estimate rounded to float32 "
-        "(torch converts float16 to float32), multiplies 8,192-row blocks in float32 (one single-threaded SYRK "
-        "per task, two tasks in parallel) and adds the blocks in float64; the diagonal comes from float32 "
-        "squares summed in float64. A shift on the float16 grid (the earlier choice) made the float32 sums "
-        "round with a bias (1.3e-6 of λ_max on the correlation matrix of the speed data).",
+        "(torch converts float16 to float32) into a work array reused by every task of its thread, multiplies "
+        "it in float32 (one single-threaded SYRK per task, two tasks in parallel) and adds the products in "
+        "float64; the column sums and the diagonal come from float32 sums over 8-row groups, added in float64. "
+        "A shift on the float16 grid (the earlier choice) made the float32 sums round with a bias (1.3e-6 of "
+        "λ_max on the correlation matrix of the speed data).",
         f"Outliers on real activations: MiniLM-L6 over the whole pydoc topics corpus ({n_real:,} tokens, CLS/SEP "
         "excluded, the demo's store). Outlier counts are eigenvalues above the null's edge + 4 Tracy–Widom "
         "scales; the permutation null permutes every column of a (here: complete) row sample independently, "

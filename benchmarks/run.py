@@ -40,7 +40,7 @@ from benchmarks.common import RESULTS, CpuMeter, Ctx, env_block, log, machine, v
 
 MODULES = ["extract", "peers_extract", "reads", "codecs", "sae", "sae_quality", "spectra", "scaling", "plan",
            "encode", "spectral_series", "driver", "generate", "open", "ray_e2e",
-           "latency"]
+           "latency", "multinode"]
 MD_PATH = ROOT / "BENCHMARKS.md"
 
 HEADER = """# Benchmarks

@@ -45,9 +45,9 @@ class CovarianceAccumulator:
 
     State (all float64): `n` rows, `shift` c (an early mean estimate), `sum` = Σ(x - c), `sxx` = Σ(x - c)(x - c)ᵀ.
     `precision="float32"` shifts by the early mean rounded to float32, multiplies blocks of `block_rows` rows in
-    float32 (the diagonal from float32 squares summed in float64) and adds the blocks in float64: every
-    eigenvalue stays within ~1e-8 of the largest one on real and massive activations (at worst ~2e-7 on
-    float16 columns quantized to 2 bits per standard deviation). `precision="float64"` multiplies in float64
+    float32 (the column sums and the diagonal from 8-row float32 sums added in float64) and adds the blocks in
+    float64: every eigenvalue stays within ~1e-8 of the largest one on real and massive activations (at worst
+    ~2e-7 on float16 columns quantized to 2 bits per standard deviation). `precision="float64"` multiplies in float64
     (~1e-14).
     """
 

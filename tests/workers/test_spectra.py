@@ -325,6 +325,30 @@ def test_module_does_not_import_ray_or_dask():
     assert out.strip() == "[]"
 
 
+def test_accumulators_sharing_a_threads_work_array_stay_exact():
+    """Accumulators of different widths and precisions, updated interleaved on one thread and from parallel
+    threads (they share one work array per thread), equal each one computed alone in float64."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    blocks = {d: [(rng.standard_normal((700, d)) * 3 + 1).astype(np.float16) for _ in range(4)] for d in (8, 24)}
+    alone = {d: CovarianceAccumulator(d).update(np.concatenate(b)).finalize()[1] for d, b in blocks.items()}
+
+    def run(precision: str) -> dict[int, np.ndarray]:
+        accs = {d: CovarianceAccumulator(d, precision, block_rows=300) for d in blocks}
+        for i in range(4):
+            for d, acc in accs.items():  # alternate widths: the shared array is re-shaped every block
+                acc.update(blocks[d][i])
+        return {d: acc.finalize()[1] for d, acc in accs.items()}
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, ["float32", "float64"] * 4))
+    for precision, got in zip(["float32", "float64"] * 4, results):
+        for d in blocks:
+            np.testing.assert_allclose(got[d], alone[d], rtol=1e-6 if precision == "float32" else 1e-12,
+                                       atol=1e-6 if precision == "float32" else 1e-12)
+
+
 def test_float32_precision_accumulator_close_and_shift_option():
     """Float32 block products with float64 accumulation: near the float64 result; a given shift is used."""
     rng = np.random.default_rng(11)
