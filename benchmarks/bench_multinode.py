@@ -26,27 +26,22 @@ from benchmarks.common import (
     CONTEXT,
     Ctx,
     fmt_ratio,
-    goal_status,
     interleave,
     log,
     md_table,
     median_of,
     minilm_path,
     per_round,
+    pydoc_topics,
 )
 
 NAME = "multinode"
 TITLE = "15. Multi-node Ray: 3 nodes vs 1 (in-process cluster)"
 HOOK = "blocks.5.hook_resid_post"
 NODES = 3
-
-
-def _docs(quick: bool) -> list[dict[str, Any]]:
-    """Full: the pydoc topics twice (~258k tokens); quick (CI smoke run): its first 40 topics."""
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    return [{"text": topics[k]} for k in keys[:40]] if quick else [{"text": topics[k]} for _ in range(2) for k in keys]
+# Small shards: the work must split into many more shards than actors, or the last wave runs on one node
+# (the default 65,536 tokens made 4 shards of this corpus: 3 actors, then 1). Real corpora have thousands.
+SHARD_TOKENS = 16384
 
 
 def _recording_trackers() -> list[Any]:
@@ -75,6 +70,7 @@ def _variant(name: str, address: str, docs: list[dict], workers: int | None, ctx
         t0 = time.perf_counter()
         store = actstore.extract({"model": minilm_path(), "corpus": docs, "hooks": [HOOK],
                                   "context_length": CONTEXT, "packing": True, "dtype": "float16", "batch_size": 32,
+                                  "shard_tokens": SHARD_TOKENS,
                                   "executor": "ray", "ray_address": address, "num_workers": workers,
                                   "threads_per_worker": 1, "progress": False, "output": str(out)})
         dt = time.perf_counter() - t0
@@ -90,7 +86,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
     import ray
     from ray.cluster_utils import Cluster
 
-    docs = _docs(ctx.quick)
+    docs = pydoc_topics(1, first=40) if ctx.quick else pydoc_topics(2)  # quick: CI's smoke run
     if ray.is_initialized():
         ray.shutdown()
     t0 = time.perf_counter()
@@ -112,7 +108,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
             ray.shutdown()
         cluster.shutdown()
     rate = lambda r: r["tokens"] / r["s"]  # noqa: E731
-    return {"corpus": "the first 40 pydoc topics" if ctx.quick else "2 x the pydoc topics", "start_s": start_s, "cores": len(os.sched_getaffinity(0)), "raw": res,
+    return {"shard_tokens": SHARD_TOKENS, "corpus": "the first 40 pydoc topics" if ctx.quick else "2 x the pydoc topics", "start_s": start_s, "cores": len(os.sched_getaffinity(0)), "raw": res,
             "tokens": res["one_node"][0]["tokens"], "ratio": per_round(res, "three_nodes", "one_node", rate),
             "s": {k: median_of(v, "s") for k, v in res.items()},
             "nodes": {k: max((r["nodes"] or 0) for r in v) for k, v in res.items()}}
@@ -126,20 +122,19 @@ def render(result: dict[str, Any]) -> str:
     s, tok = result["s"], result["tokens"]
     nodes = result["nodes"]
     rows = [["one_node (1 actor, 1 thread)", nodes["one_node"], f"{s['one_node']:.1f}",
-             f"{tok / s['one_node'] / 1e3:.1f}k", "1", "—"],
+             f"{tok / s['one_node'] / 1e3:.1f}k", "1", "1x"],
             [f"three_nodes ({NODES} actors, 1 thread each)", nodes["three_nodes"], f"{s['three_nodes']:.1f}",
-             f"{tok / s['three_nodes'] / 1e3:.1f}k", fmt_ratio(result["ratio"]),
-             goal_status(result["ratio"], 0.8 * _ceiling(result))]]
-    return (f"{tok:,} tokens ({result['corpus']}), MiniLM, 1 hook ({HOOK}, float16), packed "
-            f"windows of {CONTEXT}, batch 32, `threads_per_worker=1`, on a {NODES}-node `ray.cluster_utils.Cluster` "
-            f"(1 logical CPU per node; started once in {result['start_s']:.1f} s, not in the runs). Seconds per "
+             f"{tok / s['three_nodes'] / 1e3:.1f}k", fmt_ratio(result["ratio"]), f"{_ceiling(result):.0f}x"]]
+    return (f"{tok:,} tokens ({result['corpus']}), MiniLM, 1 hook ({HOOK}, float16), packed windows of "
+            f"{CONTEXT}, batch 32, shards of {result.get('shard_tokens', 65536):,} tokens, `threads_per_worker=1`, "
+            f"on a {NODES}-node `ray.cluster_utils.Cluster` (1 logical CPU per node; started once in {result['start_s']:.1f} s, not in the runs). Seconds per "
             f"whole `extract` (median) and throughput per round over one node (median [min–max]). All nodes share "
-            f"this machine's {result['cores']} cores, so the ceiling is {_ceiling(result):.0f}x; the goal column "
-            f"asks for 80% of it.\n\n"
-            + md_table(["run", "nodes that ran shards", "seconds", "tokens/s", "vs one node", "goal"], rows))
+            f"this machine's {result['cores']} cores, so the ceiling is {_ceiling(result):.0f}x, and the single "
+            f"actor's run already uses part of the second core (its writer threads, the read tasks, Ray's own "
+            f"processes). The issue sets no goal here: this is a report of what spreading costs.\n\n"
+            + md_table(["run", "nodes that ran shards", "seconds", "tokens/s", "vs one node", "ceiling"], rows))
 
 
 def headline(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    goal = 0.8 * _ceiling(result)
     return [(f"multi-node Ray: {NODES} nodes vs 1 (in-process, {result['cores']} shared cores)",
-             fmt_ratio(result["ratio"]), f">= {goal:.1f}x", goal_status(result["ratio"], goal))]
+             fmt_ratio(result["ratio"]), f"(report only; ceiling {_ceiling(result):.0f}x)", "—")]

@@ -28,18 +28,13 @@ from benchmarks.common import (
     median_of,
     minilm_path,
     per_round,
+    pydoc_topics,
 )
 
 NAME = "ray_e2e"
 TITLE = "13. A whole Ray extraction vs the bare forward pass (MiniLM, pydoc topics x3)"
 GOAL = 0.85
 HOOK = "blocks.5.hook_resid_post"
-
-
-def _docs(copies: int) -> list[dict[str, Any]]:
-    from pydoc_data.topics import topics
-
-    return [{"text": topics[k]} for _ in range(copies) for k in sorted(topics)]
 
 
 def _extract(name: str, case: Case, docs: list[dict], executor: str, ctx: Ctx) -> tuple[str, Any]:
@@ -65,7 +60,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
 
     torch.set_num_threads(ctx.threads)
     copies = 1 if ctx.quick else 3
-    docs = _docs(copies)
+    docs = pydoc_topics(copies)
     case = Case("MiniLM-L6", minilm_path(), 6, 32, 0, [HOOK], 5, [HOOK])
     batches = Batches(case, docs, 65536)
     log(f"ray_e2e: {batches.n_tokens:,} tokens ({copies} x pydoc topics), {len(batches.batches)} batches")

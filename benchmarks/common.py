@@ -364,6 +364,14 @@ def random_gpt2(name: str, layers: int, width: int, heads: int, lm_head: bool) -
     return str(path)
 
 
+def pydoc_topics(copies: int = 1, first: int | None = None) -> list[dict[str, Any]]:
+    """The pydoc topics as documents, in sorted-key order: the first `first` of them, `copies` times over."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)[:first]
+    return [{"text": topics[k]} for _ in range(copies) for k in keys]
+
+
 def corpus_docs(n_tokens: int) -> list[dict[str, Any]]:
     """Documents from `pydoc_data.topics` (the demo corpus), repeated when needed, holding about n_tokens
     MiniLM tokens once packed (a ~10% margin; callers use the exact plan)."""

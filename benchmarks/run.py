@@ -58,6 +58,7 @@ How to run (writes `benchmarks/results/*.json` and regenerates the sections betw
 make bench-quick      # .venv/bin/python benchmarks/run.py --quick   (~10 min on 2 cores; CI smoke test only)
 make bench            # .venv/bin/python benchmarks/run.py           (full sizes, Ray and peers; ~40 min)
 .venv/bin/python benchmarks/run.py --only extract --only sae         # selected sections
+.venv/bin/python benchmarks/run.py --render-only --only spectra      # re-render a section from its stored JSON
 ```
 
 Full mode runs 5 rounds (3 for the minutes-long SAE and scaling runs), quick mode 3 (scaling 1). Next to the
@@ -84,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-md", action="store_true", help="write JSON only, leave BENCHMARKS.md alone")
     ap.add_argument("--force-md", action="store_true", help="let a quick run overwrite full-run sections")
     ap.add_argument("--install-peers", action="store_true", help="create the peers' venv if missing")
+    ap.add_argument("--render-only", action="store_true",
+                    help="run nothing: regenerate the selected sections of BENCHMARKS.md from their stored JSON")
     args = ap.parse_args(argv)
     names = [n for item in args.only for n in item.split(",") if n]
     bad = [n for n in names if n not in MODULES]
@@ -167,10 +170,26 @@ def summary_md() -> str:
             + "\n".join(rows))
 
 
+def render_stored(names: list[str]) -> int:
+    """Re-render sections from benchmarks/results/*.json (after a change to a section's text, not its figures)."""
+    for name in names:
+        path = next((p for p in (RESULTS / f"{name}.json", RESULTS / f"{name}.quick.json") if p.exists()), None)
+        if path is None:
+            log(f"{name}: no stored result; run `--only {name}`")
+            continue
+        result = json.loads(path.read_text())
+        # a stored quick result never replaces a full-run section
+        update_md({name: section_md(name, result)}, result["mode"] == "quick", force=False)
+        log(f"{name}: re-rendered from {path.name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import save_json
 
     args = parse_args(argv)
+    if args.render_only:
+        return render_stored(args.names)
     command = " ".join(["python benchmarks/run.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
     t0 = time.perf_counter()
     sections = {}
