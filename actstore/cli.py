@@ -146,19 +146,20 @@ def _job(args: argparse.Namespace, job_cls: Any, skip: tuple[str, ...] = ()) -> 
     fields = job_fields(args, job_cls, skip)
     if getattr(args, "url", None):
         fields["store"] = args.url
-    _check_config_path(args.config, job_cls)
+    if "store" in job_cls.model_fields and "store" not in fields:
+        _check_config_path(args.config)
     return job_cls.build(args.config, args.set, **fields)
 
 
-def _check_config_path(config: str | None, job_cls: Any) -> None:
+def _check_config_path(config: str | None) -> None:
     """A missing config file that is a store (or a store URL) was meant as --store: say so."""
     from pathlib import Path
 
     from actstore.schemas.errors import ConfigError
 
-    if config is None or Path(config).is_file() or "store" not in job_cls.model_fields:
+    if config is None or Path(config).is_file():
         return
-    if "://" in config or Path(config, "manifest.json").is_file() or not config.endswith((".yaml", ".yml")):
+    if Path(config, "manifest.json").is_file() or not config.lower().endswith((".yaml", ".yml")):
         raise ConfigError(f"config file {config!r} does not exist; the positional argument is a YAML config: to "
                           f"read the store at {config!r}, pass --store {config}")
 

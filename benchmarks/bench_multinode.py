@@ -16,10 +16,12 @@ network.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from benchmarks.common import (
@@ -44,7 +46,8 @@ NODES = 3
 SHARD_TOKENS = 16384
 
 
-def _recording_trackers() -> list[Any]:
+@contextlib.contextmanager
+def _recording_trackers() -> Iterator[list[Any]]:
     """Make every extraction's PartTracker (which counts the shards each Ray node ran) visible here."""
     from actstore.pipeline.extract import run
     from actstore.pipeline.extract.part_records import PartTracker
@@ -56,8 +59,11 @@ def _recording_trackers() -> list[Any]:
             super().__init__(*a, **k)
             seen.append(self)
 
-    run.PartTracker = Recorded  # type: ignore[misc]  # benchmark process only
-    return seen
+    run.PartTracker = Recorded  # type: ignore[misc]  # this section only: restored below
+    try:
+        yield seen
+    finally:
+        run.PartTracker = PartTracker  # type: ignore[misc]
 
 
 def _variant(name: str, address: str, docs: list[dict], workers: int | None, ctx: Ctx,
@@ -97,18 +103,19 @@ def run(ctx: Ctx) -> dict[str, Any]:
     cluster.wait_for_nodes()
     start_s = time.perf_counter() - t0
     log(f"multinode: {NODES}-node cluster up in {start_s:.1f} s; {len(docs)} documents")
-    trackers = _recording_trackers()
     try:
-        variants = [_variant("one_node", cluster.address, docs, 1, ctx, trackers),
-                    _variant("three_nodes", cluster.address, docs, None, ctx, trackers)]
-        variants[1][1]()  # untimed: every node's first actor pays its worker process' imports
-        res = interleave(variants, 1 if ctx.quick else ctx.rounds, ctx.extra.get("meter"))
+        with _recording_trackers() as trackers:
+            variants = [_variant("one_node", cluster.address, docs, 1, ctx, trackers),
+                        _variant("three_nodes", cluster.address, docs, None, ctx, trackers)]
+            variants[1][1]()  # untimed: every node's first actor pays its worker process' imports
+            res = interleave(variants, 1 if ctx.quick else ctx.rounds, ctx.extra.get("meter"))
     finally:
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
     rate = lambda r: r["tokens"] / r["s"]  # noqa: E731
-    return {"shard_tokens": SHARD_TOKENS, "corpus": "the first 40 pydoc topics" if ctx.quick else "2 x the pydoc topics", "start_s": start_s, "cores": len(os.sched_getaffinity(0)), "raw": res,
+    return {"shard_tokens": SHARD_TOKENS, "corpus": "the first 40 pydoc topics" if ctx.quick else "2 x the pydoc topics",
+            "start_s": start_s, "cores": len(os.sched_getaffinity(0)), "raw": res,
             "tokens": res["one_node"][0]["tokens"], "ratio": per_round(res, "three_nodes", "one_node", rate),
             "s": {k: median_of(v, "s") for k, v in res.items()},
             "nodes": {k: max((r["nodes"] or 0) for r in v) for k, v in res.items()}}

@@ -172,16 +172,24 @@ def summary_md() -> str:
 
 def render_stored(names: list[str]) -> int:
     """Re-render sections from benchmarks/results/*.json (after a change to a section's text, not its figures)."""
+    missing = []
     for name in names:
         path = next((p for p in (RESULTS / f"{name}.json", RESULTS / f"{name}.quick.json") if p.exists()), None)
-        if path is None:
-            log(f"{name}: no stored result; run `--only {name}`")
+        try:
+            result = json.loads(path.read_text()) if path else None
+            md = section_md(name, result) if result else None
+        except (KeyError, ValueError, TypeError) as e:  # a result from an older version of the script
+            log(f"{name}: cannot re-render {path.name if path else ''} ({type(e).__name__}: {e}); run `--only {name}`")
+            md = None
+        if md is None:
+            missing.append(name)
+            if path is None:
+                log(f"{name}: no stored result; run `--only {name}`")
             continue
-        result = json.loads(path.read_text())
         # a stored quick result never replaces a full-run section
-        update_md({name: section_md(name, result)}, result["mode"] == "quick", force=False)
+        update_md({name: md}, result["mode"] == "quick", force=False)
         log(f"{name}: re-rendered from {path.name}")
-    return 0
+    return 1 if missing else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,8 @@ class CovarianceAccumulator:
     def __init__(self, d: int, precision: str = "float64", block_rows: int | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if int(d) < 1:
+            raise AnalysisError(f"need at least one column, got d={d}")
         self.d = int(d)
         self.precision = precision
         rows, itemsize = (_BLOCK_ROWS, 8) if precision == "float64" else (_F32_BLOCK_ROWS, 4)
@@ -182,8 +184,10 @@ _WORK = threading.local()
 def _workspace(rows: int, d: int, dtype: type) -> np.ndarray:
     """A (rows, d) work array reused by every block this thread processes. A fresh ~30 MB array per block
     costs its page faults (first touch of every page): measured at half the SYRK's own time per Dask task,
-    since each task builds a new accumulator. One array per thread (at most ~_BLOCK_BYTES with the default
-    block rows), grown to the largest block seen and kept for the thread's next pass."""
+    since each task builds a new accumulator. One array per thread, at most _BLOCK_BYTES (64 MiB), grown to the
+    largest block seen and kept for the thread's next pass; a larger block gets a transient array."""
+    if rows * d * np.dtype(dtype).itemsize > _BLOCK_BYTES:  # a caller's larger blocks: not kept after the pass
+        return np.empty((rows, d), dtype)
     buf = getattr(_WORK, "buf", None)
     if buf is None or buf.dtype != dtype or buf.shape[1] != d or buf.shape[0] < rows:
         _WORK.buf = None  # drop the old one before allocating its replacement

@@ -46,11 +46,16 @@ _MAX_MAPS = max(64, min(256, _soft_fd_limit() // 4))
 _maps: OrderedDict[tuple, mmap.mmap] = OrderedDict()
 _maps_lock = threading.Lock()
 # Chunk files whose checksum passed, by (path, inode, size, mtime, ctime): a scan of a store larger than the map
-# cache re-maps every chunk, and re-checking each one then cost as much as the scan's copy itself. Any write
-# to a file (or a replacement of it) changes its key, so a changed chunk is checked again. Bounded: ~100 bytes
-# a key.
-_MAX_VERIFIED = 1 << 20
+# cache re-maps every chunk, and re-checking each one then cost as much as the scan's copy itself. A write to a
+# file changes its times and a replacement its inode, so a changed chunk is checked again; a same-size rewrite
+# within one tick of a coarse file-system clock (1 s on some) would not be, which is the trust a cached map
+# already gave. Bounded: ~400 bytes a key, ~100 MB at the cap (1 PiB of 4 MiB chunks).
+_MAX_VERIFIED = 1 << 18
 _verified: OrderedDict[tuple, None] = OrderedDict()
+
+
+def _file_key(fname: str, st: os.stat_result) -> tuple:
+    return fname, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _chunk_map(fname: str, checksum: bool = False) -> mmap.mmap | None:
@@ -62,15 +67,21 @@ def _chunk_map(fname: str, checksum: bool = False) -> mmap.mmap | None:
         st = os.stat(fname)
     except FileNotFoundError:
         return None
-    key = (fname, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with _maps_lock:
-        m = _maps.get(key)
+        m = _maps.get(_file_key(fname, st))
         if m is not None:
-            _maps.move_to_end(key)
+            _maps.move_to_end(_file_key(fname, st))
             return m
-        checked = key in _verified
-    with open(fname, "rb") as f:
+    try:
+        f = open(fname, "rb")
+    except FileNotFoundError:
+        return None
+    with f:
+        st = os.fstat(f.fileno())  # the key of the file actually mapped: it may have been replaced since stat
+        key = _file_key(fname, st)
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None
+    with _maps_lock:
+        checked = key in _verified
     if checksum and not checked:
         check_crc(m, fname)
     with _maps_lock:

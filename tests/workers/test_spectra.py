@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from actstore.schemas.errors import AnalysisError
 from actstore.workers.spectra import (
     CovarianceAccumulator,
     SpectrumResult,
@@ -367,3 +368,5 @@ def test_float32_precision_accumulator_close_and_shift_option():
     np.testing.assert_allclose(fixed.finalize()[1], c64, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError):
         CovarianceAccumulator(16, precision="half")
+    with pytest.raises(AnalysisError, match="at least one column"):
+        CovarianceAccumulator(0)
