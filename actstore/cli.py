@@ -156,10 +156,11 @@ def _check_config_path(config: str | None) -> None:
     from pathlib import Path
 
     from actstore.schemas.errors import ConfigError
+    from actstore.schemas.layout import MANIFEST
 
     if config is None or Path(config).is_file():
         return
-    if Path(config, "manifest.json").is_file() or not config.lower().endswith((".yaml", ".yml")):
+    if Path(config, MANIFEST).is_file() or not config.lower().endswith((".yaml", ".yml")):
         raise ConfigError(f"config file {config!r} does not exist; the positional argument is a YAML config: to "
                           f"read the store at {config!r}, pass --store {config}")
 
