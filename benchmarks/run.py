@@ -175,16 +175,16 @@ def render_stored(names: list[str]) -> int:
     missing = []
     for name in names:
         path = next((p for p in (RESULTS / f"{name}.json", RESULTS / f"{name}.quick.json") if p.exists()), None)
-        try:
-            result = json.loads(path.read_text()) if path else None
-            md = section_md(name, result) if result else None
-        except (KeyError, ValueError, TypeError) as e:  # a result from an older version of the script
-            log(f"{name}: cannot re-render {path.name if path else ''} ({type(e).__name__}: {e}); run `--only {name}`")
-            md = None
-        if md is None:
+        if path is None:
+            log(f"{name}: no stored result; run `--only {name}`")
             missing.append(name)
-            if path is None:
-                log(f"{name}: no stored result; run `--only {name}`")
+            continue
+        try:
+            result = json.loads(path.read_text())
+            md = section_md(name, result)
+        except (KeyError, ValueError, TypeError) as e:  # a result from an older version of the script
+            log(f"{name}: cannot re-render {path.name} ({type(e).__name__}: {e}); run `--only {name}`")
+            missing.append(name)
             continue
         # a stored quick result never replaces a full-run section
         update_md({name: md}, result["mode"] == "quick", force=False)

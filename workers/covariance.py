@@ -47,8 +47,8 @@ class CovarianceAccumulator:
     `precision="float32"` shifts by the early mean rounded to float32, multiplies blocks of `block_rows` rows in
     float32 (the column sums and the diagonal from 8-row float32 sums added in float64) and adds the blocks in
     float64: every eigenvalue stays within ~1e-8 of the largest one on real and massive activations (at worst
-    ~2e-7 on float16 columns quantized to 2 bits per standard deviation). `precision="float64"` multiplies in float64
-    (~1e-14).
+    ~2e-7 on float16 columns quantized to 2 bits per standard deviation). `precision="float64"` multiplies in
+    float64 (~1e-14).
     """
 
     def __init__(self, d: int, precision: str = "float64", block_rows: int | None = None) -> None:

@@ -49,7 +49,7 @@ _maps_lock = threading.Lock()
 # cache re-maps every chunk, and re-checking each one then cost as much as the scan's copy itself. A write to a
 # file changes its times and a replacement its inode, so a changed chunk is checked again; a same-size rewrite
 # within one tick of a coarse file-system clock (1 s on some) would not be, which is the trust a cached map
-# already gave. Bounded: ~400 bytes a key, ~100 MB at the cap (1 PiB of 4 MiB chunks).
+# already gave. Bounded: ~400 bytes a key, ~100 MB at the cap (1 TiB of 4 MiB chunks).
 _MAX_VERIFIED = 1 << 18
 _verified: OrderedDict[tuple, None] = OrderedDict()
 
@@ -67,10 +67,11 @@ def _chunk_map(fname: str, checksum: bool = False) -> mmap.mmap | None:
         st = os.stat(fname)
     except FileNotFoundError:
         return None
+    seen = _file_key(fname, st)
     with _maps_lock:
-        m = _maps.get(_file_key(fname, st))
+        m = _maps.get(seen)
         if m is not None:
-            _maps.move_to_end(_file_key(fname, st))
+            _maps.move_to_end(seen)
             return m
     try:
         f = open(fname, "rb")

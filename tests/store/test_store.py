@@ -103,7 +103,6 @@ def test_ordinary_reads_detect_a_flipped_byte(tmp_path, tiny, texts, compression
     fresh.read_rows(HOOKS[1], 1, 0, 2)  # the other hook of the same shard is intact
 
 
-
 def test_checked_chunks_are_not_rechecked_until_they_change(tmp_path, monkeypatch):
     """A scan larger than the map cache re-maps every chunk but checks each unchanged chunk's crc32c once; a
     chunk rewritten after its check (new mtime/ctime) is checked again and its corruption reported."""
